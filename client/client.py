@@ -1,0 +1,138 @@
+"""A small client for the `ensemble` model over gRPC: streaming and whole-result generation,
+batches of prompts, and cancellation. Parameter names are the ensemble's input names."""
+from __future__ import annotations
+
+import json
+import queue
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from textgen_backend import contract
+
+_SPECS = {spec.name: spec for spec in contract.ENSEMBLE_INPUTS}
+
+
+class TextgenError(RuntimeError):
+    """The server refused or failed the request; the message is the server's."""
+
+
+@dataclass
+class GenerationChunk:
+    """One response: a text delta when streaming, the whole text otherwise."""
+    text: str
+    output_ids: list[int]
+    finish_reason: str
+    num_input_tokens: int
+    num_output_tokens: int
+    batch_index: int
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    num_input_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+class TextgenClient:
+    def __init__(self, url: str = "localhost:8001", model: str = "ensemble", ssl: bool = False,
+                 **grpc_options):
+        self.model = model
+        self._client = grpcclient.InferenceServerClient(url, ssl=ssl, **grpc_options)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def stream(self, prompts: str | list[str], stream: bool = True,
+               **params) -> Iterator[GenerationChunk]:
+        """Yields every response of one request until its final one.
+
+        Leaving the loop early cancels the request on the server.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        responses: queue.Queue = queue.Queue()
+        self._client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        finished = False
+        try:
+            self._client.async_stream_infer(
+                self.model, build_inputs(prompts, stream=stream, **params),
+                request_id=uuid.uuid4().hex, enable_empty_final_response=True)
+            while True:
+                result, error = responses.get()
+                if error is not None:
+                    finished = True
+                    raise TextgenError(str(error))
+                final = result.get_response().parameters["triton_final_response"].bool_param
+                if result.as_numpy("text_output") is not None:
+                    yield _chunk(result)
+                if final:
+                    finished = True
+                    return
+        finally:
+            self._client.stop_stream(cancel_requests=not finished)
+
+    def generate(self, prompt: str, **params) -> GenerationResult:
+        """The whole generation for one prompt (stream=False: a single response)."""
+        return self.generate_batch([prompt], **params)[0]
+
+    def generate_batch(self, prompts: list[str], stream: bool = False,
+                       **params) -> list[GenerationResult]:
+        """One request with several prompts (shared parameters); results in prompt order."""
+        results = [GenerationResult() for _ in prompts]
+        for chunk in self.stream(prompts, stream=stream, **params):
+            merge(results[chunk.batch_index], chunk)
+        return results
+
+
+def merge(result: GenerationResult, chunk: GenerationChunk) -> None:
+    result.text += chunk.text
+    result.output_ids += chunk.output_ids
+    result.finish_reason = chunk.finish_reason or result.finish_reason
+    result.num_input_tokens = chunk.num_input_tokens
+    result.num_output_tokens = chunk.num_output_tokens
+
+
+def build_inputs(prompts: list[str], **params) -> list[grpcclient.InferInput]:
+    """InferInputs for the ensemble: [B, 1] per parameter ([B, N] for stop_words)."""
+    batch = len(prompts)
+    arrays = {"text_input": np.array([[p.encode()] for p in prompts], dtype=np.object_)}
+    for name, value in params.items():
+        if value is None:
+            continue
+        if name not in _SPECS:
+            raise TypeError(f"unknown parameter {name!r}; known: {sorted(_SPECS)}")
+        spec = _SPECS[name]
+        if name == "stop_words":
+            row = [s.encode() for s in value]
+            arrays[name] = np.array([row] * batch, dtype=np.object_).reshape(batch, len(row))
+        elif name == "sampling_parameters":
+            text = value if isinstance(value, str) else json.dumps(value)
+            arrays[name] = np.array([[text.encode()]] * batch, dtype=np.object_)
+        else:
+            arrays[name] = np.full((batch, 1), value, dtype=spec.numpy_dtype)
+    inputs = []
+    for name, array in arrays.items():
+        infer_input = grpcclient.InferInput(name, list(array.shape), _SPECS[name].wire_dtype)
+        infer_input.set_data_from_numpy(array)
+        inputs.append(infer_input)
+    return inputs
+
+
+def _chunk(result) -> GenerationChunk:
+    def scalar(name):
+        return result.as_numpy(name).reshape(-1)[0]
+
+    return GenerationChunk(
+        text=scalar("text_output").decode(),
+        output_ids=result.as_numpy("output_ids").reshape(-1).tolist(),
+        finish_reason=scalar("finish_reason").decode(),
+        num_input_tokens=int(scalar("num_input_tokens")),
+        num_output_tokens=int(scalar("num_output_tokens")),
+        batch_index=int(scalar("batch_index")),
+    )

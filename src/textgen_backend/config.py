@@ -1,0 +1,165 @@
+"""The engine's configuration: one frozen dataclass whose fields are the launcher's flags.
+
+Field names follow TGI's launcher (`max_batch_total_tokens` -> `--max-batch-total-tokens`, env
+`MAX_BATCH_TOTAL_TOKENS`). Values that depend on the model or the device (token limits left
+unset, the KV block count) are resolved into `EngineLimits`, never written back here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def flag(help: str, default=None, choices=None, short=None):
+    """Field metadata that `add_flags` turns into an argparse option with a TGI-style env var."""
+    return field(default=default, metadata={"help": help, "choices": choices, "short": short})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_id: str = flag("Model directory (config.json, safetensors, tokenizer) or a hub id "
+                         "resolved offline from the local Hugging Face cache.", default="")
+    revision: str | None = flag("Revision of a hub model id (branch, tag or commit).")
+    huggingface_hub_cache: str | None = flag("Hugging Face hub cache to resolve --model-id in "
+                                             "(default: HF_HUB_CACHE or ~/.cache/huggingface/hub).")
+    dtype: str | None = flag("Weights and activations dtype. Default: float32 on the CPU, "
+                             "the checkpoint's float16/bfloat16 on a GPU (else bfloat16).",
+                             choices=DTYPES)
+    max_concurrent_requests: int = flag("Most prompts in flight (queued or generating); more "
+                                        "are rejected with an overload error.", default=128)
+    max_stop_sequences: int = flag("Most stop sequences a request may give.", default=4)
+    max_client_batch_size: int = flag("Most prompts in one request (rows of text_input); the "
+                                      "models' max_batch_size.", default=4)
+    max_input_tokens: int | None = flag("Longest prompt in tokens. Default: "
+                                        "min(max_position_embeddings - 1, 4095).")
+    max_total_tokens: int | None = flag("Most prompt + generated tokens per request. Default: "
+                                        "min(max_position_embeddings, 4096).")
+    waiting_served_ratio: float = flag("Admit waiting requests into a running batch once at "
+                                       "least this ratio of its size can join.", default=0.3)
+    max_batch_prefill_tokens: int | None = flag("Most prompt tokens in one prefill step. "
+                                                "Default: max_input_tokens + 50.")
+    max_batch_total_tokens: int | None = flag("KV-cache capacity in tokens. Default: sized from "
+                                              "free GPU memory; 4 x max_total_tokens on the CPU.")
+    max_waiting_tokens: int = flag("Decode steps after which waiting requests join the batch "
+                                   "whatever the waiting_served_ratio.", default=20)
+    max_batch_size: int | None = flag("Most sequences in a batch (default: no limit).")
+    block_size: int = flag("Tokens per KV-cache block.", default=16)
+    cuda_memory_fraction: float = flag("Fraction of the GPU's memory the engine may use.",
+                                       default=0.9)
+
+    def __post_init__(self):
+        positive = ["max_concurrent_requests", "max_client_batch_size", "max_input_tokens", "max_total_tokens",
+                    "max_batch_prefill_tokens", "max_batch_total_tokens", "max_batch_size",
+                    "block_size"]
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("max_stop_sequences", "max_waiting_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.waiting_served_ratio < 0:
+            raise ValueError(f"waiting_served_ratio must be >= 0, got {self.waiting_served_ratio}")
+        if not 0 < self.cuda_memory_fraction <= 1:
+            raise ValueError(f"cuda_memory_fraction must be in (0, 1], got {self.cuda_memory_fraction}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_input_tokens and self.max_total_tokens:
+            if self.max_input_tokens >= self.max_total_tokens:
+                raise ValueError(f"max_input_tokens ({self.max_input_tokens}) must be < "
+                                 f"max_total_tokens ({self.max_total_tokens})")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineConfig:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Limits resolved from the config, the model and the device."""
+    max_input_tokens: int
+    max_total_tokens: int
+    max_batch_prefill_tokens: int
+    num_kv_blocks: int
+    block_size: int
+    max_batch_size: int | None
+    max_waiting_tokens: int
+    waiting_served_ratio: float
+
+    @property
+    def max_batch_total_tokens(self) -> int:
+        return self.num_kv_blocks * self.block_size
+
+
+def resolve_token_limits(config: EngineConfig, max_position_embeddings: int) -> tuple[int, int, int]:
+    """(max_input_tokens, max_total_tokens, max_batch_prefill_tokens) with TGI's defaults."""
+    max_total = config.max_total_tokens or min(max_position_embeddings, 4096)
+    max_input = config.max_input_tokens or min(max_position_embeddings - 1, 4095, max_total - 1)
+    if max_input >= max_total:
+        raise ValueError(f"max_input_tokens ({max_input}) must be < max_total_tokens ({max_total})")
+    if max_total > max_position_embeddings:
+        raise ValueError(f"max_total_tokens ({max_total}) exceeds the model's "
+                         f"max_position_embeddings ({max_position_embeddings})")
+    prefill = config.max_batch_prefill_tokens or max_input + 50
+    if prefill < max_input:
+        raise ValueError(f"max_batch_prefill_tokens ({prefill}) must be >= max_input_tokens "
+                         f"({max_input})")
+    if config.max_batch_total_tokens is not None and config.max_batch_total_tokens < max_total:
+        raise ValueError(f"max_batch_total_tokens ({config.max_batch_total_tokens}) must be >= "
+                         f"max_total_tokens ({max_total})")
+    return max_input, max_total, prefill
+
+
+# --- command-line flags generated from dataclass fields -------------------------------------
+
+def _flag_type(annotation: str):
+    base = annotation.replace(" | None", "")
+    return {"int": int, "float": float, "str": str, "bool": bool}[base]
+
+
+def add_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """Adds one `--field-name` option per field of `cls`, defaulting to env FIELD_NAME."""
+    for f in dataclasses.fields(cls):
+        option = "--" + f.name.replace("_", "-")
+        env_name = f.name.upper()
+        kind = _flag_type(f.type)
+        default = f.default
+        if env_name in os.environ:
+            default = _parse_env(env_name, os.environ[env_name], kind)
+        help_text = f.metadata.get("help", "") + f" [env: {env_name}]"
+        if f.default not in (None, "", False):
+            help_text += f" [default: {f.default}]"
+        names = [option] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+        if kind is bool:
+            parser.add_argument(*names, dest=f.name, action="store_true", default=default,
+                                help=help_text)
+        else:
+            parser.add_argument(*names, dest=f.name, type=kind, default=default,
+                                choices=f.metadata.get("choices"), help=help_text,
+                                metavar=env_name)
+
+
+def _parse_env(name: str, value: str, kind):
+    if kind is bool:
+        return value.lower() in ("1", "true", "yes", "on")
+    try:
+        return kind(value)
+    except ValueError:
+        raise SystemExit(f"environment variable {name}={value!r} is not a valid {kind.__name__}")
+
+
+def from_flags(cls, namespace: argparse.Namespace):
+    """Builds `cls` from the parsed options of `add_flags`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(namespace).items() if k in names})
+

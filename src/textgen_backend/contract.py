@@ -1,0 +1,129 @@
+"""The request/response contract, written once: Triton tensor specs for every model of the
+ensemble (rendered into config.pbtxt by build.py, read by the model.py files and the client)
+and the response dataclass the engine produces.
+
+Public names follow the TensorRT-LLM ensemble convention; tensors internal to the ensemble
+start with `_`. Every public tensor has a batch dimension ([B, 1] on the wire for dims [1]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_NUMPY = {"TYPE_STRING": np.object_, "TYPE_BOOL": np.bool_, "TYPE_INT32": np.int32,
+          "TYPE_UINT64": np.uint64, "TYPE_FP32": np.float32}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                 # Triton config type, e.g. "TYPE_INT32"
+    dims: tuple[int, ...]
+    optional: bool = True
+    doc: str = ""
+
+    @property
+    def numpy_dtype(self):
+        return _NUMPY[self.dtype]
+
+    @property
+    def wire_dtype(self) -> str:
+        """The dtype name tritonclient uses (InferInput's datatype)."""
+        return {"TYPE_STRING": "BYTES", "TYPE_FP32": "FP32"}.get(self.dtype, self.dtype[5:])
+
+    def pbtxt(self) -> str:
+        dims = ", ".join(str(d) for d in self.dims)
+        optional = " optional: true" if self.optional else ""
+        return f'{{ name: "{self.name}" data_type: {self.dtype} dims: [ {dims} ]{optional} }}'
+
+
+def _spec(name, dtype, dims=(1,), optional=True, doc=""):
+    return TensorSpec(name, dtype, tuple(dims), optional, doc)
+
+
+# --- public inputs of the ensemble ------------------------------------------------------------
+TEXT_INPUT = _spec("text_input", "TYPE_STRING", optional=False,
+                   doc="Prompt text; B rows = B prompts sharing the other parameters.")
+APPLY_CHAT_TEMPLATE = _spec("apply_chat_template", "TYPE_BOOL",
+                            doc="text_input is a JSON list of {role, content} messages, rendered "
+                                "with the model's chat template (default false).")
+GENERATION_PARAMETERS = (
+    _spec("max_tokens", "TYPE_INT32", doc="Most tokens to generate (default 20)."),
+    _spec("stream", "TYPE_BOOL", doc="Stream text deltas (default false)."),
+    _spec("temperature", "TYPE_FP32", doc=">= 0; 0 means greedy."),
+    _spec("top_k", "TYPE_INT32", doc=">= 0; 0 disables."),
+    _spec("top_p", "TYPE_FP32", doc="In (0, 1]."),
+    _spec("repetition_penalty", "TYPE_FP32", doc="> 0; 1 disables (HF semantics)."),
+    _spec("presence_penalty", "TYPE_FP32", doc="In [-2, 2] (OpenAI semantics)."),
+    _spec("frequency_penalty", "TYPE_FP32", doc="In [-2, 2] (OpenAI semantics)."),
+    _spec("seed", "TYPE_UINT64", doc="Seed for reproducible sampling."),
+    _spec("stop_words", "TYPE_STRING", dims=(-1,), doc="Stop sequences, matched on text."),
+    _spec("min_tokens", "TYPE_INT32", doc="EOS and stop sequences are ignored before this many."),
+    _spec("min_length", "TYPE_INT32", doc="Alias of min_tokens (TensorRT-LLM, genai-perf)."),
+    _spec("exclude_input_in_output", "TYPE_BOOL", doc="Default true; false prepends the prompt."),
+    _spec("ignore_eos", "TYPE_BOOL", doc="Keep generating past EOS (benchmarks)."),
+    _spec("sampling_parameters", "TYPE_STRING",
+          doc="vLLM-backend convention: the parameters above as one JSON object."),
+)
+
+# --- public outputs of the ensemble -----------------------------------------------------------
+TEXT_OUTPUT = _spec("text_output", "TYPE_STRING", dims=(-1,), optional=False,
+                    doc="Generated text (a delta when streaming).")
+OUTPUT_IDS = _spec("output_ids", "TYPE_INT32", dims=(-1,), optional=False,
+                   doc="Token ids of this response's text.")
+FINISH_REASON = _spec("finish_reason", "TYPE_STRING", optional=False,
+                      doc='"length", "eos_token", "stop" or "cancelled" on a prompt\'s last '
+                          'response, "" before.')
+NUM_INPUT_TOKENS = _spec("num_input_tokens", "TYPE_INT32", optional=False)
+NUM_OUTPUT_TOKENS = _spec("num_output_tokens", "TYPE_INT32", optional=False,
+                          doc="Tokens generated so far for this prompt.")
+BATCH_INDEX = _spec("batch_index", "TYPE_INT32", optional=False,
+                    doc="Row of text_input this response belongs to.")
+ENSEMBLE_OUTPUTS = (TEXT_OUTPUT, OUTPUT_IDS, FINISH_REASON, NUM_INPUT_TOKENS, NUM_OUTPUT_TOKENS,
+                    BATCH_INDEX)
+ENSEMBLE_INPUTS = (TEXT_INPUT, APPLY_CHAT_TEMPLATE) + GENERATION_PARAMETERS
+
+# --- internal tensors -------------------------------------------------------------------------
+INPUT_IDS = _spec("_input_ids", "TYPE_INT32", dims=(-1,), doc="Prompt ids, padded per batch.")
+INPUT_LENGTHS = _spec("_input_lengths", "TYPE_INT32", doc="Prompt length of each row.")
+PROMPT_TEXT = _spec("_prompt_text", "TYPE_STRING", doc="The text that was tokenized.")
+CANCEL_ID = _spec("_cancel_id", "TYPE_UINT64",
+                  doc="Sent by the detokenizer alone: cancel the request owning this sequence.")
+SEQUENCE_ID = _spec("_sequence_id", "TYPE_UINT64", optional=False)
+
+TOKENIZER_INPUTS = (_spec("text_input", "TYPE_STRING", optional=False), APPLY_CHAT_TEMPLATE)
+TOKENIZER_OUTPUTS = (_spec("_input_ids", "TYPE_INT32", dims=(-1,), optional=False),
+                     _spec("_input_lengths", "TYPE_INT32", optional=False),
+                     _spec("_prompt_text", "TYPE_STRING", optional=False))
+# Generator inputs are all optional so that a bare `_cancel_id` request is valid.
+GENERATOR_INPUTS = (INPUT_IDS, INPUT_LENGTHS, PROMPT_TEXT, CANCEL_ID) + GENERATION_PARAMETERS
+# The generator's outputs are the public ones, prefixed, plus the sequence id for the relay.
+GENERATOR_OUTPUTS = tuple(_spec("_" + s.name, s.dtype, s.dims, optional=False)
+                          for s in ENSEMBLE_OUTPUTS) + (SEQUENCE_ID,)
+DETOKENIZER_INPUTS = GENERATOR_OUTPUTS
+DETOKENIZER_OUTPUTS = ENSEMBLE_OUTPUTS
+
+
+@dataclass
+class GenerationResponse:
+    """One response for one prompt of a request (streamed delta or the whole result)."""
+    text: str
+    output_ids: list[int]
+    finish_reason: str       # "" until the prompt's last response
+    num_input_tokens: int
+    num_output_tokens: int
+    batch_index: int
+    sequence_id: int
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Generator output tensors, [1, ...] each (a batch of one)."""
+        return {
+            "_text_output": np.array([[self.text.encode()]], dtype=np.object_),
+            "_output_ids": np.array([self.output_ids], dtype=np.int32).reshape(1, -1),
+            "_finish_reason": np.array([[self.finish_reason.encode()]], dtype=np.object_),
+            "_num_input_tokens": np.array([[self.num_input_tokens]], dtype=np.int32),
+            "_num_output_tokens": np.array([[self.num_output_tokens]], dtype=np.int32),
+            "_batch_index": np.array([[self.batch_index]], dtype=np.int32),
+            "_sequence_id": np.array([[self.sequence_id]], dtype=np.uint64),
+        }

@@ -1,0 +1,150 @@
+"""The token-level engine: model, KV cache, scheduler and the explicit step.
+
+`Engine` is synchronous and thread-free (tests drive it directly); `service.py` runs it on a
+background thread and turns its token outputs into text responses.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from textgen_backend.block_manager import BlockManager
+from textgen_backend.config import EngineConfig, EngineLimits, resolve_token_limits
+from textgen_backend.layers.ops import select_ops
+from textgen_backend.metrics import EngineStats
+from textgen_backend.model_config import ModelConfig
+from textgen_backend.model_runner import ModelRunner
+from textgen_backend.models import build_model
+from textgen_backend.params import SamplingParams, StoppingParams
+from textgen_backend.scheduler import Scheduler, SchedulerOutput, StepOutput
+from textgen_backend.sequence import Sequence
+from textgen_backend.weights import iterate_weights
+
+logger = logging.getLogger("textgen")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def choose_dtype(config: EngineConfig, model_config: ModelConfig,
+                 device: torch.device) -> torch.dtype:
+    if config.dtype:
+        return _DTYPES[config.dtype]
+    if device.type == "cpu":
+        return torch.float32
+    return torch.float16 if model_config.torch_dtype == "float16" else torch.bfloat16
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, model_dir: Path, device: torch.device | None = None):
+        self.config = config
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model_config = ModelConfig.from_dir(model_dir)
+        self.dtype = choose_dtype(config, self.model_config, self.device)
+        started = time.monotonic()
+        model = self._load_model(model_dir)
+        eos = self.model_config.eos_token_ids
+        self.runner = ModelRunner(model, self.model_config, self.device, self.dtype,
+                                  config.block_size, eos)
+        self.limits = self._resolve_limits()
+        self.runner.allocate_kv_cache(self.limits.num_kv_blocks)
+        self.block_manager = BlockManager(self.limits.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(self.limits, self.block_manager, eos)
+        self._aborted: list[StepOutput] = []
+        logger.info("[textgen] loaded %s (%s, %s, %s kernels) in %.1fs; KV cache: %d tokens",
+                    self.model_config.architecture, self.device, self.dtype,
+                    model.layers[0].self_attn.attn.ops.name, time.monotonic() - started,
+                    self.limits.max_batch_total_tokens)
+
+    def _load_model(self, model_dir: Path):
+        ops = select_ops(self.device)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = build_model(self.model_config, ops)
+        finally:
+            torch.set_default_dtype(previous)
+        model.load_weights(iterate_weights(model_dir))
+        return model.eval()
+
+    def _resolve_limits(self) -> EngineLimits:
+        c = self.config
+        max_input, max_total, prefill = resolve_token_limits(
+            c, self.model_config.max_position_embeddings)
+        if c.max_batch_total_tokens is not None:
+            num_blocks = -(-c.max_batch_total_tokens // c.block_size)
+        elif self.device.type == "cuda":
+            num_blocks = self._blocks_that_fit(prefill)
+        else:
+            num_blocks = -(-4 * max_total // c.block_size)
+        if num_blocks * c.block_size < max_total:
+            raise ValueError(f"the KV cache holds {num_blocks * c.block_size} tokens, fewer than "
+                             f"max_total_tokens {max_total}: lower max_total_tokens")
+        return EngineLimits(max_input_tokens=max_input, max_total_tokens=max_total,
+                            max_batch_prefill_tokens=prefill, num_kv_blocks=num_blocks,
+                            block_size=c.block_size, max_batch_size=c.max_batch_size,
+                            max_waiting_tokens=c.max_waiting_tokens,
+                            waiting_served_ratio=c.waiting_served_ratio)
+
+    def _blocks_that_fit(self, prefill_tokens: int) -> int:
+        """KV blocks that fit in GPU memory after a warm-up prefill of the largest size."""
+        bs = self.config.block_size
+        self.runner.allocate_kv_cache(-(-prefill_tokens // bs) + 1)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        warmup = Sequence(-1, [0] * prefill_tokens, SamplingParams(), StoppingParams(max_tokens=1))
+        warmup.block_ids = list(range(-(-prefill_tokens // bs)))
+        self.runner.execute(SchedulerOutput([warmup], is_prefill=True))
+        torch.cuda.synchronize()
+        activation_peak = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+        self.runner.allocate_kv_cache(0)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        budget = total * self.config.cuda_memory_fraction - (total - free) - activation_peak
+        num_blocks = int(budget // self.runner.kv_bytes_per_block())
+        if num_blocks < 1:
+            raise RuntimeError("no GPU memory left for the KV cache after loading the model")
+        return num_blocks
+
+    # --- the step -----------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+
+    def abort(self, seq_id: int, reason: str) -> None:
+        output = self.scheduler.abort(seq_id, reason)
+        if output is not None:
+            self._aborted.append(output)
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(num_running=len(self.scheduler.running),
+                           num_waiting=len(self.scheduler.waiting),
+                           kv_blocks_used=bm.num_blocks - bm.num_free_blocks,
+                           kv_blocks_total=bm.num_blocks,
+                           num_preemptions=self.scheduler.num_preemptions)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self._aborted)
+
+    def fail_all(self, error: str) -> list[StepOutput]:
+        """Finishes every sequence with an error (a failed step, or shutdown)."""
+        seq_ids = [s.seq_id for s in list(self.scheduler.waiting) + self.scheduler.running]
+        outputs, self._aborted = self._aborted, []
+        for seq_id in seq_ids:
+            self.scheduler.abort(seq_id, "error")
+            outputs.append(StepOutput(seq_id, [], "error", error))
+        return outputs
+
+    def step(self) -> list[StepOutput]:
+        """Schedules and runs one prefill or decode step; returns every sequence's news."""
+        outputs, self._aborted = self._aborted, []
+        scheduled = self.scheduler.schedule()
+        if scheduled is not None:
+            token_ids = self.runner.execute(scheduled)
+            outputs += self.scheduler.update(scheduled, token_ids)
+        return outputs
+

@@ -1,0 +1,23 @@
+"""Model families, keyed by the `architectures` entry of a Hugging Face config.json."""
+from torch import nn
+
+from textgen_backend.layers.ops import Ops
+from textgen_backend.model_config import ModelConfig
+from textgen_backend.models.llama import LlamaForCausalLM
+from textgen_backend.models.mistral import MistralForCausalLM
+from textgen_backend.models.qwen2 import Qwen2ForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+}
+
+
+def build_model(config: ModelConfig, ops: Ops) -> nn.Module:
+    try:
+        cls = MODEL_REGISTRY[config.architecture]
+    except KeyError:
+        raise ValueError(f"architecture {config.architecture!r} is not supported "
+                         f"(supported: {', '.join(MODEL_REGISTRY)})") from None
+    return cls(config, ops)

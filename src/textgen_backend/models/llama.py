@@ -1,0 +1,150 @@
+"""Llama (and the families that only tweak it: Mistral, Qwen2) over the paged KV cache.
+
+Q/K/V and gate/up projections are fused at load time; every layer sees the step's tokens
+packed into one [num_tokens, hidden] tensor, whatever the number of sequences.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from textgen_backend.layers.attention import AttentionMetadata, PagedAttention
+from textgen_backend.layers.ops import Ops
+from textgen_backend.layers.rmsnorm import RMSNorm
+from textgen_backend.layers.rotary import RotaryEmbedding
+from textgen_backend.model_config import ModelConfig
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, ops: Ops, qkv_bias: bool, o_bias: bool,
+                 sliding_window: int | None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.rotary = RotaryEmbedding(ops, self.head_dim, config.max_position_embeddings,
+                                      config.rope_theta, config.rope_scaling)
+        self.attn = PagedAttention(ops, self.num_heads, self.num_kv_heads, self.head_dim,
+                                   sliding_window)
+
+    def forward(self, positions, hidden, meta: AttentionMetadata):
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v.contiguous(), meta)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, ops: Ops):
+        super().__init__()
+        self.ops = ops
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden):
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(hidden)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, ops: Ops, qkv_bias: bool, o_bias: bool,
+                 sliding_window: int | None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(ops, config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, ops, qkv_bias, o_bias, sliding_window)
+        self.post_attention_layernorm = RMSNorm(ops, config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config, ops)
+
+    def forward(self, positions, hidden, residual, meta):
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    # Checkpoint names fused into one of our parameters: (ours, theirs, shard index).
+    stacked_params = (
+        ("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
+        ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
+    )
+    qkv_bias = False
+
+    def __init__(self, config: ModelConfig, ops: Ops):
+        super().__init__()
+        self.config = config
+        qkv_bias = self.qkv_bias or config.attention_bias
+        o_bias = config.attention_bias
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, ops, qkv_bias, o_bias, config.sliding_window)
+            for _ in range(config.num_layers))
+        self.norm = RMSNorm(ops, config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions [num_tokens] -> final hidden states [num_tokens, hidden]."""
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies checkpoint tensors (HF names) into our parameters, fusing stacked ones."""
+        params = dict(self.named_parameters())
+        loaded = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            for ours, theirs, shard in self.stacked_params:
+                if f".{theirs}." in name:
+                    name = name.replace(theirs, ours)
+                    self._copy_shard(params[name], tensor, ours, shard)
+                    break
+            else:
+                if name not in params:
+                    raise ValueError(f"checkpoint tensor {name!r} has no parameter in "
+                                     f"{type(self).__name__}")
+                if params[name].shape != tensor.shape:
+                    raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(params[name].shape)}")
+                params[name].data.copy_(tensor)
+            loaded.add(name)
+        missing = set(params) - loaded - ({"lm_head.weight"} if self.config.tie_word_embeddings else set())
+        if missing:
+            raise ValueError(f"checkpoint lacks tensors for {sorted(missing)[:5]} "
+                             f"({len(missing)} missing)")
+
+    def _copy_shard(self, param: nn.Parameter, tensor: torch.Tensor, fused: str, shard: int):
+        c = self.config
+        if fused == "qkv_proj":
+            sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+        else:
+            sizes = [c.intermediate_size, c.intermediate_size]
+        start = sum(sizes[:shard])
+        if tensor.shape[0] != sizes[shard]:
+            raise ValueError(f"{fused} shard {shard} has {tensor.shape[0]} rows, expected {sizes[shard]}")
+        param.data[start:start + sizes[shard]].copy_(tensor)

@@ -1,0 +1,153 @@
+"""Continuous batching with TGI's knobs: which sequences run in the next step.
+
+A step is either a prefill (new sequences join: all their tokens are computed) or a decode
+(one token for every running sequence). Waiting sequences join a running batch when at least
+waiting_served_ratio x its size can join, or unconditionally once the batch has decoded
+max_waiting_tokens steps since the last prefill. A prefill holds at most
+max_batch_prefill_tokens tokens (a lone sequence may exceed it: a preempted one being
+recomputed). KV blocks are taken as tokens arrive; when a decode step runs out, the most
+recently admitted sequence is preempted (its blocks freed, recomputed later) instead of failing.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from textgen_backend.block_manager import BlockManager
+from textgen_backend.config import EngineLimits
+from textgen_backend.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[Sequence]
+    is_prefill: bool
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one sequence."""
+    seq_id: int
+    new_token_ids: list[int]
+    finish_reason: str | None = None   # "length", "eos_token", or an abort reason
+    error: str | None = None           # the step failed for this sequence
+
+
+class Scheduler:
+    def __init__(self, limits: EngineLimits, block_manager: BlockManager,
+                 eos_token_ids: tuple[int, ...]):
+        self.limits = limits
+        self.block_manager = block_manager
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.steps_since_prefill = 0
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, seq_id: int, reason: str) -> StepOutput | None:
+        """Finishes a waiting or running sequence now and frees its blocks."""
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.seq_id == seq_id:
+                    queue.remove(seq)
+                    self._finish(seq, reason)
+                    return StepOutput(seq_id, [], reason)
+        return None
+
+    def schedule(self) -> SchedulerOutput | None:
+        if self.waiting and self._batch_has_room():
+            admitted = self._admit(self._min_new_sequences())
+            if admitted:
+                self.steps_since_prefill = 0
+                return SchedulerOutput(admitted, is_prefill=True)
+        if self.running:
+            self._reserve_decode_slots()
+            self.steps_since_prefill += 1
+            return SchedulerOutput(list(self.running), is_prefill=False)
+        return None
+
+    def update(self, out: SchedulerOutput, token_ids: list[int]) -> list[StepOutput]:
+        """Appends each sequence's sampled token and finishes those that are done."""
+        outputs = []
+        for seq, token in zip(out.seqs, token_ids):
+            seq.output_ids.append(token)
+            reason = None
+            if token in self.eos_token_ids and not seq.stopping.ignore_eos:
+                reason = "eos_token"
+            elif len(seq.output_ids) >= seq.stopping.max_tokens:
+                reason = "length"
+            if reason:
+                self.running.remove(seq)
+                self._finish(seq, reason)
+            outputs.append(StepOutput(seq.seq_id, [token], reason))
+        return outputs
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _batch_has_room(self) -> bool:
+        cap = self.limits.max_batch_size
+        return cap is None or len(self.running) < cap
+
+    def _min_new_sequences(self) -> int:
+        if not self.running or self.steps_since_prefill >= self.limits.max_waiting_tokens:
+            return 1
+        return max(1, math.floor(len(self.running) * self.limits.waiting_served_ratio))
+
+    def _admit(self, min_new: int) -> list[Sequence]:
+        """Takes waiting sequences in order while they fit; all or nothing w.r.t. min_new."""
+        token_budget = self.limits.max_batch_prefill_tokens
+        free_blocks = self.block_manager.num_free_blocks
+        room = (self.limits.max_batch_size or math.inf) - len(self.running)
+        chosen: list[Sequence] = []
+        for seq in self.waiting:
+            if len(chosen) >= room or (chosen and seq.num_tokens > token_budget):
+                break
+            # Room for the prompt and the first decoded token, so it is not preempted at once.
+            if self.block_manager.blocks_for(seq.num_tokens + 1) > free_blocks:
+                break
+            chosen.append(seq)
+            token_budget -= seq.num_tokens
+            free_blocks -= self.block_manager.blocks_for(seq.num_tokens)
+        if len(chosen) < min_new:
+            return []
+        for seq in chosen:
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        return chosen
+
+    def _reserve_decode_slots(self) -> None:
+        """Gives every running sequence a slot for its next token, preempting the newest."""
+        kept: list[Sequence] = []
+        pending = deque(self.running)
+        while pending:
+            seq = pending.popleft()
+            while not self.block_manager.can_append(seq):
+                victim = pending.pop() if pending else seq
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.append_slot(seq)
+                kept.append(seq)
+        self.running = kept
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

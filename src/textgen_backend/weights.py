@@ -1,0 +1,47 @@
+"""Finding a model directory and streaming its safetensors weights."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+
+def resolve_model_dir(model_id: str, revision: str | None = None,
+                      hub_cache: str | None = None) -> Path:
+    """A local directory as is; otherwise a hub id looked up offline in the local hub cache."""
+    if os.path.isdir(model_id):
+        return Path(model_id).resolve()
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model_id, revision=revision, cache_dir=hub_cache,
+                                      local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError) as exc:
+        where = hub_cache or os.environ.get("HF_HUB_CACHE", "the default Hugging Face hub cache")
+        raise FileNotFoundError(
+            f"model_id {model_id!r} is neither a directory nor in {where} "
+            "(models are never downloaded at run time)") from exc
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / shard for shard in shards]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    return files
+
+
+def iterate_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (name, tensor) one tensor at a time, so peak memory stays near one tensor."""
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)

@@ -1,0 +1,78 @@
+"""Starting a real tritonserver on free loopback ports for e2e tests."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from textgen_backend.config import EngineConfig
+from textgen_backend.repository import render_repository
+from textgen_backend.tritonserver import find_tritonserver, server_command, server_environment
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TritonServer:
+    """tritonserver serving `config`'s model from a repository rendered under `workdir`."""
+
+    def __init__(self, config: EngineConfig, workdir: Path, startup_timeout: float = 300):
+        self.repository = render_repository(config, workdir / "repository")
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.log_path = workdir / "tritonserver.log"
+        command = server_command(find_tritonserver(), self.repository, "127.0.0.1",
+                                 self.http_port, self.grpc_port, self.metrics_port)
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(command, env=server_environment(), stdout=self._log,
+                                        stderr=subprocess.STDOUT)
+        self._wait_ready(startup_timeout)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def is_alive(self) -> bool:
+        return self.process.poll() is None
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n"
+                                   + self.log()[-5000:])
+            try:
+                url = f"{self.http_url}/v2/models/ensemble/ready"
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"tritonserver not ready after {timeout}s:\n" + self.log()[-5000:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
