@@ -1,8 +1,12 @@
 """SiLU-and-mul for gated MLPs whose gate and up projections are fused."""
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # torch-only install: the *_reference functions still work
+    from ._triton_stub import tl, triton
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +46,9 @@ def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.T
     if x.dim() < 1 or x.shape[-1] % 2:
         raise ValueError(f"x must be [..., 2*I], got {tuple(x.shape)}")
     if x.stride(-1) != 1 or (x.dim() > 2 and not x.is_contiguous()):
-        raise ValueError(f"x must be 2-D with a contiguous last dim, or contiguous; strides {x.stride()}")
+        raise ValueError(
+            f"x must be 2-D with a contiguous last dim, or contiguous; strides {x.stride()}"
+        )
     inter = x.shape[-1] // 2
     out_shape = (*x.shape[:-1], inter)
     if out is None:
@@ -53,7 +59,9 @@ def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.T
             f"{tuple(out.shape)} {out.dtype} on {out.device}"
         )
     if out.stride(-1) != 1 or (out.dim() > 2 and not out.is_contiguous()):
-        raise ValueError(f"out must be 2-D with a contiguous last dim, or contiguous; strides {out.stride()}")
+        raise ValueError(
+            f"out must be 2-D with a contiguous last dim, or contiguous; strides {out.stride()}"
+        )
     x2 = x if x.dim() == 2 else x.view(-1, 2 * inter)
     out2 = out if out.dim() == 2 else out.view(-1, inter)
     if x2.shape[0] == 0 or inter == 0:

@@ -4,8 +4,12 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # torch-only install: the *_reference functions still work
+    from ._triton_stub import tl, triton
 
 
 def paged_attention_reference(
@@ -113,7 +117,7 @@ def _decode_split_range(ctx_len, split, window, NUM_SPLITS: tl.constexpr, BLOCK_
     out evenly to the NUM_SPLITS splits; the trailing splits get none when there are fewer tiles
     than splits. The reduction kernel recomputes the same count.
     """
-    start = tl.maximum(ctx_len - window, 0)
+    start = tl.maximum(ctx_len - window - 1, 0)
     num_tiles = tl.cdiv(ctx_len - start, BLOCK_N)
     tiles_per_split = tl.maximum(tl.cdiv(num_tiles, NUM_SPLITS), 1)
     num_active = tl.cdiv(num_tiles, tiles_per_split)
@@ -182,12 +186,12 @@ def _decode_split_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_G, N]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_G, N], unscaled
         s = tl.where(key_mask[None, :], s, float("-inf"))
         # every tile holds at least one visible key, so m_new is finite
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])  # one FMA per score; qk_scale > 0
         l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(k_cache_ptr.dtype.element_ty)
         if UPCAST:
@@ -283,20 +287,20 @@ def _prefill_inner(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, N]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, N], unscaled
         if MASKED:
             visible = (offs_n[None, :] <= q_pos[:, None]) & key_mask[None, :]
             if USE_WINDOW:
                 visible &= offs_n[None, :] > q_pos[:, None] - window
             s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             # a row with no visible key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_ref = m_new
         alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
+        p = tl.exp2(s * qk_scale - m_ref[:, None])  # one FMA per score; qk_scale > 0
         l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(k_cache_ptr.dtype.element_ty)
         if UPCAST:
@@ -400,7 +404,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _check_attention_args(q, k_cache, v_cache, context_lens, block_tables, sliding_window, out):
+def _check_attention_args(q, k_cache, v_cache, context_lens, block_tables, scale, sliding_window,
+                          out):
     """Validates what decode and prefill share; returns (num_kv_heads, group, head_dim, page)."""
     if q.dtype not in _DTYPES:
         raise ValueError(f"q.dtype must be one of {_DTYPES}, got {q.dtype}")
@@ -426,7 +431,9 @@ def _check_attention_args(q, k_cache, v_cache, context_lens, block_tables, slidi
         raise ValueError(f"head_dim must be at most 256, got {head_dim}")
     num_q_heads = q.shape[1]
     if num_q_heads % num_kv_heads:
-        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        raise ValueError(
+            f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}"
+        )
     if context_lens.dim() != 1 or context_lens.dtype not in _INDEX_DTYPES:
         raise ValueError(
             f"context_lens must be a 1-D int32/int64 tensor, got {context_lens.dtype} "
@@ -447,6 +454,8 @@ def _check_attention_args(q, k_cache, v_cache, context_lens, block_tables, slidi
     devices = {t.device for t in (q, k_cache, v_cache, context_lens, block_tables)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale!r}")
     if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
         raise ValueError(f"sliding_window must be None or a positive int, got {sliding_window!r}")
     if out is not None:
@@ -504,9 +513,11 @@ def paged_attention_decode(
     context_lens == 0 get zeros. Writes into `out` when given (last dim contiguous).
     """
     num_kv_heads, group, head_dim, page_size = _check_attention_args(
-        q, k_cache, v_cache, context_lens, block_tables, sliding_window, out
+        q, k_cache, v_cache, context_lens, block_tables, scale, sliding_window, out
     )
     batch, num_q_heads, _ = q.shape
+    if context_lens.shape[0] != batch:
+        raise ValueError(f"context_lens has {context_lens.shape[0]} rows, q has {batch} sequences")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if batch == 0:
@@ -564,13 +575,13 @@ def _prefill_config(
         block_m, block_n, num_warps, num_stages = 32, 16, 4, 1  # interpreter: many tiles
     elif dtype == torch.float32:
         block_m, block_n, num_warps, num_stages = 64, 32, 4, 2
-    elif block_d <= 64:
-        block_m, block_n, num_warps, num_stages = 128, 64, 4, 3
     elif block_d <= 128:
-        block_m, block_n, num_warps, num_stages = 128, 64, 8, 3
+        # H100 sweep (bench --sweep, bf16, D=128, causal 1x2048 and 4x1024): 64/64/4/3 led,
+        # ~15% ahead of 128/64/8/3 and 128/128/8/3
+        block_m, block_n, num_warps, num_stages = 64, 64, 4, 3
     else:
         block_m, block_n, num_warps, num_stages = 64, 32, 8, 2
-    # short query chunks (chunked prefill tails, speculative decoding): don't pad to 128 rows
+    # short query chunks (chunked-prefill tails, speculative decoding): don't pad to BLOCK_M
     block_m = min(block_m, max(16, triton.next_power_of_2(max_seqlen_q)))
     if block_m <= 32:
         num_warps = 4
@@ -597,11 +608,13 @@ def paged_attention(
     Writes into `out` when given (last dim contiguous).
     """
     num_kv_heads, group, head_dim, page_size = _check_attention_args(
-        q, k_cache, v_cache, context_lens, block_tables, sliding_window, out
+        q, k_cache, v_cache, context_lens, block_tables, scale, sliding_window, out
     )
     batch = context_lens.shape[0]
     if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] != batch + 1:
-        raise ValueError(f"cu_seqlens_q must be [batch + 1 = {batch + 1}], got {tuple(cu_seqlens_q.shape)}")
+        raise ValueError(
+            f"cu_seqlens_q must be [batch + 1 = {batch + 1}], got {tuple(cu_seqlens_q.shape)}"
+        )
     if cu_seqlens_q.dtype not in _INDEX_DTYPES or cu_seqlens_q.stride(0) != 1:
         raise ValueError(f"cu_seqlens_q must be contiguous int32/int64, got {cu_seqlens_q.dtype}")
     if cu_seqlens_q.device != q.device:

@@ -1,7 +1,11 @@
 """Rotary position embedding (GPT-NeoX / HF Llama "rotate half" layout)."""
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # torch-only install: the *_reference functions still work
+    from ._triton_stub import tl, triton
 
 
 def rotary_embedding_reference(

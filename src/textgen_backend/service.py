@@ -92,31 +92,43 @@ class GenerationService:
     # --- engine thread -------------------------------------------------------------------------
 
     def _engine_loop(self) -> None:
-        engine = self.engine
         while True:
-            idle = not engine.has_work()
-            for command in self._drain(self._commands, block=idle):
-                if command[0] == "add":
-                    for seq in command[1]:
-                        engine.add(seq)
-                elif command[0] == "abort":
-                    for seq_id in command[1]:
-                        engine.abort(seq_id, command[2])
-                else:  # shutdown
-                    self._results.put(("step", engine.fail_all("server is shutting down")))
-                    self._results.put(("shutdown",))
-                    return
-            if not engine.has_work():
-                continue
             try:
-                outputs = engine.step()
-            except Exception as exc:  # a failed step fails its sequences, not the server
-                logger.exception("[textgen] engine step failed")
-                outputs = engine.fail_all(f"generation failed: {exc}")
-            if outputs:
-                self._results.put(("step", outputs))
-            if self._on_stats is not None:
+                if not self._engine_iteration():
+                    return
+            except Exception:  # never let the engine thread die: the server would hang
+                logger.exception("[textgen] engine loop error")
+                self._results.put(("step", self.engine.fail_all("internal engine error")))
+
+    def _engine_iteration(self) -> bool:
+        """Applies queued commands, then runs one step if there is work; False on shutdown."""
+        engine = self.engine
+        for command in self._drain(self._commands, block=not engine.has_work()):
+            if command[0] == "add":
+                for seq in command[1]:
+                    engine.add(seq)
+            elif command[0] == "abort":
+                for seq_id in command[1]:
+                    engine.abort(seq_id, command[2])
+            else:  # shutdown
+                self._results.put(("step", engine.fail_all("server is shutting down")))
+                self._results.put(("shutdown",))
+                return False
+        if not engine.has_work():
+            return True
+        try:
+            outputs = engine.step()
+        except Exception as exc:  # a failed step fails its sequences, not the server
+            logger.exception("[textgen] engine step failed")
+            outputs = engine.fail_all(f"generation failed: {exc}")
+        if outputs:
+            self._results.put(("step", outputs))
+        if self._on_stats is not None:
+            try:
                 self._on_stats(engine.stats())
+            except Exception:
+                logger.exception("[textgen] reporting engine statistics failed")
+        return True
 
     # --- output thread -------------------------------------------------------------------------
 

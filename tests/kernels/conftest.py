@@ -34,9 +34,9 @@ def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what
     dtype the computation ran in."""
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     bad = ~torch.isfinite(out)
-    assert not bad.any(), f"{what}: {int(bad.sum())} of {out.numel()} elements not finite (unwritten?)"
+    assert not bad.any(), f"{what}: {int(bad.sum())}/{out.numel()} elements not finite (unwritten?)"
     err = _rel_err(out, ref)
-    assert err <= REL_TOL[dtype], f"{what}: relative error {err:.2e} > {REL_TOL[dtype]:.0e} ({dtype})"
+    assert err <= REL_TOL[dtype], f"{what}: relative error {err:.2e} > {REL_TOL[dtype]:.0e} {dtype}"
 
 
 @pytest.fixture
@@ -51,9 +51,12 @@ def assert_close():
 
 @pytest.fixture
 def rand(device):
-    """rand(*shape, dtype=...) -> fresh normal samples, newly seeded in every test (printed)."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed {seed}")  # shown by pytest when the test fails
+    """rand(*shape, dtype=...) -> fresh normal samples, newly seeded in every test.
+
+    The seed is printed (pytest shows it for a failing test); KERNEL_TEST_SEED=<seed> replays it.
+    """
+    seed = int(os.environ.get("KERNEL_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"random seed {seed} (KERNEL_TEST_SEED={seed} to replay)")
     gen = torch.Generator().manual_seed(seed)
 
     def draw(*shape, dtype=torch.float32, scale=1.0):

@@ -8,10 +8,11 @@ import itertools
 import pytest
 import torch
 
+pytest.importorskip("triton")  # optional extra: textgen[kernels]
 from textgen_kernels import paged_attention as pa
 
-# the interpreter trips a numpy deprecation on its own scalar handling
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+# the interpreter trips a numpy deprecation in its own scalar handling
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (num_q_heads, num_kv_heads): GQA ratios 1, 4 and 8
@@ -34,7 +35,8 @@ def make_cache(rand, ctx_lens, num_kv_heads, head_dim, page, dtype, table_width=
         table[b, :n] = torch.tensor(owned[:n], dtype=torch.int32)
         owned = owned[n:]
     device = k_cache.device
-    return k_cache, v_cache, table.to(device), torch.tensor(ctx_lens, dtype=torch.int32, device=device)
+    ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=device)
+    return k_cache, v_cache, table.to(device), ctx
 
 
 def upcast(*tensors):
@@ -55,7 +57,8 @@ def run_decode(rand, poisoned, assert_close, *, ctx_lens, heads, head_dim, page,
         pa.paged_attention_decode(q, k_cache, v_cache, ctx, table, scale, window, out=out)
     else:
         pa._launch_decode(q, k_cache, v_cache, ctx, table, scale, window, out, *config)
-    ref = pa.paged_attention_decode_reference(*upcast(q, k_cache, v_cache), ctx, table, scale, window)
+    ref = pa.paged_attention_decode_reference(*upcast(q, k_cache, v_cache), ctx, table, scale,
+                                              window)
     live = ctx > 0
     assert torch.equal(out[~live], torch.zeros_like(out[~live])), "context_len 0 rows must be 0"
     assert_close(out[live], ref[live], dtype, f"decode heads={heads} D={head_dim} window={window}")
@@ -124,7 +127,8 @@ def test_decode_grid_ignores_context_lens(rand, poisoned, monkeypatch, device):
     for lens in ([200, 200], [1, 0], [0, 0], [17, 130]):
         launches.clear()
         ctx = torch.tensor(lens, dtype=torch.int32, device=device)
-        pa.paged_attention_decode(q, k_cache, v_cache, ctx, table, 0.1, out=poisoned(q.shape, q.dtype))
+        out = poisoned(q.shape, q.dtype)
+        pa.paged_attention_decode(q, k_cache, v_cache, ctx, table, 0.1, out=out)
         seen.append(list(launches))
     assert len(seen[0]) == 2 and seen[0][0][0][1] > 1, "expected a split launch and a reduction"
     assert all(s == seen[0] for s in seen), f"launches differ with context_lens: {seen}"
@@ -149,6 +153,10 @@ def test_decode_rejects_bad_inputs(rand, device):
         call(q, k_cache, v_cache, ctx, table, 0.1, out=torch.empty_like(q, dtype=torch.float16))
     with pytest.raises(ValueError, match="sliding_window"):
         call(q, k_cache, v_cache, ctx, table, 0.1, sliding_window=0)
+    with pytest.raises(ValueError, match="context_lens"):
+        call(q[:1], k_cache, v_cache, ctx, table, 0.1)
+    with pytest.raises(ValueError, match="scale"):
+        call(q, k_cache, v_cache, ctx, table, -0.1)
 
 
 # --------------------------------------------------------------------------------- prefill
@@ -211,7 +219,9 @@ def test_prefill_head_dims_pages_windows(rand, poisoned, assert_close, dtype, he
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("config", [(16, 16, 4, 1), (128, 64, 8, 3), (64, 32, 4, 2)])
+@pytest.mark.parametrize(
+    "config", [(16, 16, 4, 1), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)]
+)
 @pytest.mark.parametrize("window", [None, 19])
 def test_prefill_tile_configs(rand, poisoned, assert_close, config, window):
     """The GPU tile shapes, run here too: the skip/mask ranges depend on BLOCK_M and BLOCK_N."""
@@ -244,6 +254,34 @@ def test_prefill_rejects_bad_cu_seqlens(rand, device):
     with pytest.raises(ValueError, match="cu_seqlens_q"):
         pa.paged_attention(q, k_cache, v_cache, torch.tensor([0, 5], device=device), ctx, table,
                            9, 0.1)
+
+
+@pytest.mark.unit
+def test_padded_head_dim_reads_nothing_past_the_cache(rand, poisoned, assert_close, device):
+    """head_dim 80 runs as 128 columns: the masks must stop the last head of the last slot from
+    reading past the cache, here into NaN placed right after it."""
+    page, num_kv_heads, head_dim, num_blocks = 16, 2, 80, 3
+    size = num_blocks * page * num_kv_heads * head_dim
+    caches = []
+    for _ in range(2):
+        buf = torch.full((size + 1024,), float("nan"), device=device)
+        buf[:size] = rand(size)
+        caches.append(buf[:size].view(num_blocks, page, num_kv_heads, head_dim))
+    k_cache, v_cache = caches
+    # the last block first: prefill reads it in both unmasked (rows 32+) and masked tiles
+    table = torch.tensor([[num_blocks - 1, 0, 1]], dtype=torch.int32, device=device)
+    ctx = torch.tensor([48], dtype=torch.int32, device=device)  # every slot of every block
+    q = rand(1, 4, head_dim)
+    ref = pa.paged_attention_decode_reference(q, k_cache, v_cache, ctx, table, 0.1)
+    out = poisoned(q.shape, q.dtype)
+    pa.paged_attention_decode(q, k_cache, v_cache, ctx, table, 0.1, out=out)
+    assert_close(out, ref, torch.float32, "decode")
+    q = rand(48, 4, head_dim)
+    cu = torch.tensor([0, 48], dtype=torch.int32, device=device)
+    ref = pa.paged_attention_reference(q, k_cache, v_cache, cu, ctx, table, 48, 0.1)
+    out = poisoned(q.shape, q.dtype)
+    pa.paged_attention(q, k_cache, v_cache, cu, ctx, table, 48, 0.1, out=out)
+    assert_close(out, ref, torch.float32, "prefill")
 
 
 # ------------------------------------------------------------------------------ GPU shapes
@@ -287,7 +325,10 @@ def test_decode_cuda_graph_replay(rand, device):
                                               torch.bfloat16)
     q = rand(batch, heads[0], head_dim, dtype=torch.bfloat16)
     out = torch.empty_like(q)
-    call = lambda: pa.paged_attention_decode(q, k_cache, v_cache, ctx, table, 0.088, out=out)  # noqa: E731
+
+    def call():
+        pa.paged_attention_decode(q, k_cache, v_cache, ctx, table, 0.088, out=out)
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

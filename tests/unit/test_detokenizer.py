@@ -1,7 +1,7 @@
 """IncrementalDetokenizer against full decodes, over real and synthetic tokenizers."""
 import pytest
 
-from tests import assets
+import assets
 from textgen_backend.detokenizer import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer
 
 pytestmark = pytest.mark.unit

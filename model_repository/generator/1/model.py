@@ -41,7 +41,7 @@ class TritonPythonModel:
             on_stats=self._report)
 
     def _report(self, stats):
-        for spec, metric in self.metrics:
+        for spec, (_, metric) in self.metrics:
             value, last = getattr(stats, spec.stat), self.reported[spec.name]
             if value == last:
                 continue
@@ -76,6 +76,7 @@ class TritonPythonModel:
 
 
 def _metric(spec):
+    """(family, metric): a Metric is only usable while its MetricFamily is alive."""
     kind = pb_utils.MetricFamily.COUNTER if spec.kind == "counter" else pb_utils.MetricFamily.GAUGE
     family = pb_utils.MetricFamily(name=spec.name, description=spec.description, kind=kind)
-    return family.Metric(labels={"model": "generator"})
+    return family, family.Metric(labels={"model": "generator"})

@@ -1,0 +1,129 @@
+"""Session-wide tritonservers for the e2e tests, and the transformers reference."""
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+
+import pytest
+import torch
+
+from server import TritonServer
+from textgen_backend.config import EngineConfig
+from textgen_client import TextgenClient
+from tiny_models import build_tiny_model
+
+
+class Reference:
+    """transformers in float32 on the CPU: the oracle for greedy token ids."""
+
+    def __init__(self, model_dir):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+        out = self.model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
+                                  do_sample=False, **kwargs)
+        return out[0, len(prompt_ids):].tolist()
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_model_dir):
+    return Reference(tiny_model_dir)
+
+
+def _serve(tmp_path_factory, name, **config):
+    server = TritonServer(EngineConfig(**config), tmp_path_factory.mktemp(name))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir, tmp_path_factory):
+    yield from _serve(tmp_path_factory, "tiny-server", model_id=str(tiny_model_dir),
+                      max_input_tokens=200, max_total_tokens=256, max_concurrent_requests=64)
+
+
+@pytest.fixture(scope="session")
+def small_kv_server(tiny_model_dir, tmp_path_factory):
+    """A KV cache of 320 tokens in blocks of 4: 16 concurrent requests force preemption."""
+    yield from _serve(tmp_path_factory, "small-kv-server", model_id=str(tiny_model_dir),
+                      max_input_tokens=100, max_total_tokens=160, max_batch_total_tokens=320,
+                      block_size=4, max_concurrent_requests=16)
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir():
+    from textgen_backend.demo_model import ensure_demo_model
+    return ensure_demo_model()
+
+
+@pytest.fixture(scope="session")
+def demo_reference(demo_model_dir):
+    return Reference(demo_model_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_model_dir, tmp_path_factory):
+    yield from _serve(tmp_path_factory, "demo-server", model_id=str(demo_model_dir),
+                      max_total_tokens=1024)
+
+
+@pytest.fixture
+def client_for():
+    clients = []
+
+    def make(server):
+        clients.append(TextgenClient(server.grpc_url))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def scrape_metrics(server) -> dict[str, float]:
+    """{'name{labels}': value} from the server's Prometheus endpoint."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    metrics = {}
+    for line in text.splitlines():
+        match = re.match(r"^(\w+(?:\{[^}]*\})?) (\S+)$", line)
+        if match:
+            metrics[match.group(1)] = float(match.group(2))
+    return metrics
+
+
+def metric(server, name: str) -> float:
+    values = [v for k, v in scrape_metrics(server).items() if k == name or k.startswith(name + "{")]
+    assert len(values) == 1, f"metric {name} not exported once: {values}"
+    return values[0]
+
+
+def http_generate(server, payload: dict, stream: bool = False):
+    """POST to Triton's generate / generate_stream endpoint; returns the JSON (or SSE events)."""
+    endpoint = "generate_stream" if stream else "generate"
+    request = urllib.request.Request(f"{server.http_url}/v2/models/ensemble/{endpoint}",
+                                     data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            body = response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return {"error": json.loads(exc.read().decode())["error"], "status": exc.code}
+    if not stream:
+        return json.loads(body)
+    return [json.loads(line[len("data: "):]) for line in body.splitlines()
+            if line.startswith("data: ")]
