@@ -117,7 +117,7 @@ def _decode_split_range(ctx_len, split, window, NUM_SPLITS: tl.constexpr, BLOCK_
     out evenly to the NUM_SPLITS splits; the trailing splits get none when there are fewer tiles
     than splits. The reduction kernel recomputes the same count.
     """
-    start = tl.maximum(ctx_len - window - 1, 0)
+    start = tl.maximum(ctx_len - window, 0)
     num_tiles = tl.cdiv(ctx_len - start, BLOCK_N)
     tiles_per_split = tl.maximum(tl.cdiv(num_tiles, NUM_SPLITS), 1)
     num_active = tl.cdiv(num_tiles, tiles_per_split)

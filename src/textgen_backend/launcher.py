@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     command = server_command(find_tritonserver(), repository, server.hostname,
                              server.http_port, server.grpc_port, server.metrics_port)
     logger.info("[textgen] serving %s from %s", engine.model_id, repository)
-    process = subprocess.Popen(command, env=server_environment())
-    # Ctrl-C reaches tritonserver too (same process group); wait for its clean shutdown.
-    signal.signal(signal.SIGINT, lambda *_: None)
-    signal.signal(signal.SIGTERM, lambda *_: process.terminate())
+    # tritonserver gets its own session so that a terminal's Ctrl-C reaches it once, from here.
+    process = subprocess.Popen(command, env=server_environment(), start_new_session=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _: process.send_signal(signum))
     return process.wait()
 
 
