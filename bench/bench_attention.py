@@ -17,6 +17,12 @@ One run measures, in this order:
 All times are triton.testing.do_bench medians. --sweep adds a table of alternative kernel
 configurations (block sizes, warps, stages, splits) for tuning; --asm prints the compiled
 kernels' registers, spills, shared memory and PTX instruction counts (wgmma, cp.async, ...).
+
+Measured 2026-11-22 on an H100 80GB HBM3 (132 SMs, torch 2.11, triton 3.6; copy 3.0 TB/s,
+bf16 matmul ~690 TFLOP/s): decode batch 1 at 1k/4k/16k 8.4/14.7/33.6 us (17/38/67% of copy;
+two launches and ~6 dependent memory round trips put a ~7 us floor under it), batch 64
+84/93/98%; prefill 1 x 2048 269 TFLOP/s, 4 x 1024 247 TFLOP/s, against SDPA's 399 and 390
+(1.5x its time). Decode uses mma.sync + cp.async, prefill wgmma + cp.async (--asm).
 """
 import argparse
 import itertools

@@ -2,11 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch-only install: the *_reference functions still work
-    from ._triton_stub import tl, triton
+import triton
+import triton.language as tl
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
@@ -27,7 +24,7 @@ def _silu_and_mul_kernel(
     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + inter + offs, mask=mask, other=0.0)
     g = gate.to(tl.float32)
-    silu = g / (1.0 + tl.exp(-g))
+    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
     out = silu.to(tl.float32) * up.to(tl.float32)
     tl.store(out_ptr + row * stride_out + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -1,11 +1,7 @@
 """Writing new tokens' keys and values into the paged KV cache."""
 import torch
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch-only install: the *_reference functions still work
-    from ._triton_stub import tl, triton
+import triton
+import triton.language as tl
 
 
 def store_kv_reference(

@@ -5,11 +5,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch-only install: the *_reference functions still work
-    from ._triton_stub import tl, triton
+import triton
+import triton.language as tl
 
 
 def paged_attention_reference(
@@ -110,16 +107,16 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _decode_split_range(ctx_len, split, window, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _decode_split_range(ctx_len, split, window, num_splits, BLOCK_N: tl.constexpr):
     """Key range [lo, hi) of one split, and how many splits hold keys.
 
     The visible keys [max(0, ctx - window), ctx) are cut into BLOCK_N tiles and the tiles dealt
-    out evenly to the NUM_SPLITS splits; the trailing splits get none when there are fewer tiles
+    out evenly to the num_splits splits; the trailing splits get none when there are fewer tiles
     than splits. The reduction kernel recomputes the same count.
     """
     start = tl.maximum(ctx_len - window, 0)
     num_tiles = tl.cdiv(ctx_len - start, BLOCK_N)
-    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, NUM_SPLITS), 1)
+    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
     num_active = tl.cdiv(num_tiles, tiles_per_split)
     lo = start + split * tiles_per_split * BLOCK_N
     hi = tl.minimum(lo + tiles_per_split * BLOCK_N, ctx_len)
@@ -133,14 +130,15 @@ def _decode_split_kernel(
     qk_scale,  # softmax scale * log2(e): the softmax runs on exp2
     window,  # sliding window in tokens; _NO_WINDOW when there is none
     stride_q_seq, stride_q_head, stride_o_seq, stride_o_head, stride_bt_seq,
+    num_splits,  # a runtime value: one compiled variant serves every batch size
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,  # SPLIT: num_splits > 1
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One (sequence, KV head, split): the GROUP query heads of that KV head over one key range.
 
-    With NUM_SPLITS == 1 it writes the normalized output; otherwise the split's normalized
+    Unsplit (num_splits == 1) it writes the normalized output; otherwise the split's normalized
     partial output [GROUP, D] and its running max / sum (log2 domain) for the reduction.
     """
     seq_kv = tl.program_id(0)
@@ -149,8 +147,8 @@ def _decode_split_kernel(
     kv_head = seq_kv % NUM_KV_HEADS
 
     ctx_len = tl.load(context_lens_ptr + seq)
-    lo, hi, num_active = _decode_split_range(ctx_len, split, window, NUM_SPLITS, BLOCK_N)
-    if NUM_SPLITS > 1:
+    lo, hi, num_active = _decode_split_range(ctx_len, split, window, num_splits, BLOCK_N)
+    if SPLIT:
         if split >= num_active:
             return  # no keys here; the reduction never reads this split
 
@@ -201,14 +199,14 @@ def _decode_split_kernel(
 
     # l_i == 0 only for a padded batch row (ctx_len 0): it gets zeros, not 0/0
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(
             out_ptr + seq.to(tl.int64) * stride_o_seq + heads[:, None] * stride_o_head
             + offs_d[None, :],
             acc.to(out_ptr.dtype.element_ty), mask=mask_gd,
         )
     else:
-        row = (seq * (NUM_KV_HEADS * GROUP) + heads).to(tl.int64) * NUM_SPLITS + split  # [BLOCK_G]
+        row = (seq * (NUM_KV_HEADS * GROUP) + heads).to(tl.int64) * num_splits + split  # [BLOCK_G]
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_gd)
         tl.store(part_m_ptr + row, m_i, mask=mask_g)
         tl.store(part_l_ptr + row, l_i, mask=mask_g)
@@ -217,21 +215,21 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, context_lens_ptr,
-    window, stride_o_seq, stride_o_head,
+    window, stride_o_seq, stride_o_head, num_splits,
     NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,  # BLOCK_S: next power of 2 >= num_splits
 ):
     """One (sequence, query head): merges the active splits' partial outputs."""
     seq_head = tl.program_id(0)
     seq = seq_head // NUM_Q_HEADS
     head = seq_head % NUM_Q_HEADS
     ctx_len = tl.load(context_lens_ptr + seq)
-    _, _, num_active = _decode_split_range(ctx_len, 0, window, NUM_SPLITS, BLOCK_N)
+    _, _, num_active = _decode_split_range(ctx_len, 0, window, num_splits, BLOCK_N)
 
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     mask_s = offs_s < num_active
-    row = seq_head.to(tl.int64) * NUM_SPLITS + offs_s  # [BLOCK_S]
+    row = seq_head.to(tl.int64) * num_splits + offs_s  # [BLOCK_S]
     m = tl.load(part_m_ptr + row, mask=mask_s, other=float("-inf"))
     l = tl.load(part_l_ptr + row, mask=mask_s, other=0.0)
     m_max = tl.max(m, 0)
@@ -551,18 +549,19 @@ def _launch_decode(q, k_cache, v_cache, context_lens, block_tables, scale, slidi
         out, part_out, part_m, part_l,
         scale * _LOG2E, window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        num_splits,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=k_cache.shape[1],
-        BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        BLOCK_N=block_n, SPLIT=num_splits > 1,
         PRECISION=_precision(q.dtype), UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch * num_q_heads,)](
             out, part_out, part_m, part_l, context_lens,
-            window, out.stride(0), out.stride(1),
+            window, out.stride(0), out.stride(1), num_splits,
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_N=block_n, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(num_splits),
             num_warps=4,
         )
 

@@ -1,11 +1,7 @@
 """RMSNorm and fused residual-add + RMSNorm."""
 import torch
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch-only install: the *_reference functions still work
-    from ._triton_stub import tl, triton
+import triton
+import triton.language as tl
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,11 +1,7 @@
 """Rotary position embedding (GPT-NeoX / HF Llama "rotate half" layout)."""
 import torch
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch-only install: the *_reference functions still work
-    from ._triton_stub import tl, triton
+import triton
+import triton.language as tl
 
 
 def rotary_embedding_reference(

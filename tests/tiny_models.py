@@ -39,7 +39,9 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 400) -> int:
 
 
 def build_tiny_model(out_dir: Path, architecture: str = "llama", seed: int = 0,
-                     max_position_embeddings: int = 512) -> Path:
+                     max_position_embeddings: int = 512, hidden_size: int = 64,
+                     num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+                     initializer_range: float = 0.2, sliding_window: int = 16) -> Path:
     import transformers
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -49,12 +51,13 @@ def build_tiny_model(out_dir: Path, architecture: str = "llama", seed: int = 0,
                "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
     config_cls, model_cls = (getattr(transformers, name) for name in classes[architecture])
     config = config_cls(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
-        initializer_range=0.2, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
-        pad_token_id=None)
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range, tie_word_embeddings=False, bos_token_id=0,
+        eos_token_id=1, pad_token_id=None)
     if architecture == "mistral":
-        config.sliding_window = 16
+        config.sliding_window = sliding_window
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     with torch.no_grad():

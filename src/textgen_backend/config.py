@@ -27,6 +27,10 @@ class EngineConfig:
     revision: str | None = flag("Revision of a hub model id (branch, tag or commit).")
     huggingface_hub_cache: str | None = flag("Hugging Face hub cache to resolve --model-id in "
                                              "(default: HF_HUB_CACHE or ~/.cache/huggingface/hub).")
+    load_format: str = flag("How to get the weights: \"safetensors\" from the model directory, "
+                            "or \"dummy\" (random weights of the model's shape, for "
+                            "benchmarks; as vLLM's --load-format dummy).", default="safetensors",
+                            choices=("safetensors", "dummy"))
     dtype: str | None = flag("Weights and activations dtype. Default: float32 on the CPU, "
                              "the checkpoint's float16/bfloat16 on a GPU (else bfloat16).",
                              choices=DTYPES)
@@ -51,6 +55,11 @@ class EngineConfig:
     block_size: int = flag("Tokens per KV-cache block.", default=16)
     cuda_memory_fraction: float = flag("Fraction of the GPU's memory the engine may use.",
                                        default=0.9)
+    cuda_graphs: str = flag("Decode batch sizes to capture CUDA graphs for (a batch runs in the "
+                            "next larger one); \"0\" disables.",
+                            default="1,2,4,8,16,32,64,128,256")
+    disable_custom_kernels: bool = flag("Use the pure-torch reference ops instead of our Triton "
+                                        "kernels on the GPU (no CUDA graphs then).", default=False)
 
     def __post_init__(self):
         positive = ["max_concurrent_requests", "max_client_batch_size", "max_input_tokens", "max_total_tokens",
@@ -67,14 +76,30 @@ class EngineConfig:
             raise ValueError(f"waiting_served_ratio must be >= 0, got {self.waiting_served_ratio}")
         if not 0 < self.cuda_memory_fraction <= 1:
             raise ValueError(f"cuda_memory_fraction must be in (0, 1], got {self.cuda_memory_fraction}")
+        if self.load_format not in ("safetensors", "dummy"):
+            raise ValueError(f"load_format must be safetensors or dummy, got {self.load_format!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        self.cuda_graph_batch_sizes  # validates the list
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_input_tokens and self.max_total_tokens:
             if self.max_input_tokens >= self.max_total_tokens:
                 raise ValueError(f"max_input_tokens ({self.max_input_tokens}) must be < "
                                  f"max_total_tokens ({self.max_total_tokens})")
+
+    @property
+    def cuda_graph_batch_sizes(self) -> tuple[int, ...]:
+        if self.cuda_graphs.strip() == "0":
+            return ()
+        try:
+            sizes = sorted({int(part) for part in self.cuda_graphs.split(",") if part.strip()})
+        except ValueError:
+            raise ValueError(f"cuda_graphs must be comma-separated batch sizes or \"0\", "
+                             f"got {self.cuda_graphs!r}") from None
+        if not sizes or sizes[0] < 1:
+            raise ValueError(f"cuda_graphs batch sizes must be >= 1, got {self.cuda_graphs!r}")
+        return tuple(sizes)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

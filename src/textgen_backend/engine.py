@@ -50,6 +50,11 @@ class Engine:
                                   config.block_size, eos)
         self.limits = self._resolve_limits()
         self.runner.allocate_kv_cache(self.limits.num_kv_blocks)
+        if model.layers[0].self_attn.attn.ops.name == "triton":
+            max_blocks = -(-self.limits.max_total_tokens // config.block_size)
+            sizes = [b for b in config.cuda_graph_batch_sizes
+                     if config.max_batch_size is None or b <= config.max_batch_size]
+            self.runner.capture_decode_graphs(tuple(sizes), max_blocks)
         self.block_manager = BlockManager(self.limits.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.limits, self.block_manager, eos)
         self._aborted: list[StepOutput] = []
@@ -59,7 +64,7 @@ class Engine:
                     self.limits.max_batch_total_tokens)
 
     def _load_model(self, model_dir: Path):
-        ops = select_ops(self.device)
+        ops = select_ops(self.device, self.config.disable_custom_kernels)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -67,7 +72,8 @@ class Engine:
                 model = build_model(self.model_config, ops)
         finally:
             torch.set_default_dtype(previous)
-        model.load_weights(iterate_weights(model_dir))
+        if self.config.load_format == "safetensors":
+            model.load_weights(iterate_weights(model_dir))
         return model.eval()
 
     def _resolve_limits(self) -> EngineLimits:

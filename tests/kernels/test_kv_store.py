@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-pytest.importorskip("triton")  # optional extra: textgen[kernels]
 from textgen_kernels import kv_store
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

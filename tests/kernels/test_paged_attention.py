@@ -8,7 +8,6 @@ import itertools
 import pytest
 import torch
 
-pytest.importorskip("triton")  # optional extra: textgen[kernels]
 from textgen_kernels import paged_attention as pa
 
 # the interpreter trips a numpy deprecation in its own scalar handling

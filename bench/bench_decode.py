@@ -1,0 +1,114 @@
+"""Decode ms/token at batch 1, 8, 32, 64, 128 with a 1k context: our engine (Triton kernels,
+CUDA graphs) vs HF transformers generate (sdpa) vs the roofline, one H100, one run.
+
+    python bench/bench_decode.py [--batches 1,8,32,64,128] [--context 1024] [--steps 64]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+
+import torch
+
+from common import (LLAMA3_8B, Timer, kv_bytes_per_token, llama3_8b_dir, measure_ceilings,
+                    param_bytes, print_table)
+
+
+def engine_decode_ms(batches, context, steps, max_batch):
+    from textgen_backend.config import EngineConfig
+    from textgen_backend.engine import Engine
+    from textgen_backend.params import SamplingParams, StoppingParams
+    from textgen_backend.sequence import Sequence
+
+    total = context + steps + 16
+    config = EngineConfig(model_id=str(llama3_8b_dir()), load_format="dummy", dtype="bfloat16",
+                          max_input_tokens=context, max_total_tokens=total,
+                          max_batch_prefill_tokens=max(8192, context),
+                          max_batch_total_tokens=max_batch * total)
+    engine = Engine(config, config.model_id)
+    rng = random.Random(0)
+    results = {}
+    for batch in batches:
+        seqs = [Sequence(1000 * batch + i, [rng.randrange(128000) for _ in range(context)],
+                         SamplingParams(), StoppingParams(max_tokens=steps + 8, ignore_eos=True))
+                for i in range(batch)]
+        for s in seqs:
+            engine.add(s)
+        while any(not s.output_ids for s in seqs):  # prefills
+            engine.step()
+        for _ in range(3):
+            engine.step()
+        with Timer() as t:
+            for _ in range(steps):
+                engine.step()
+        results[batch] = 1e3 * t.seconds / steps
+        while engine.has_work():
+            engine.step()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    kv_tokens = engine.limits.max_batch_total_tokens
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return results, peak, kv_tokens
+
+
+def hf_decode_ms(batches, context, steps):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in LLAMA3_8B.items() if k not in ("architectures",)})
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model.generation_config.pad_token_id = 0
+    results = {}
+    for batch in batches:
+        ids = torch.randint(0, 128000, (batch, context), device="cuda")
+
+        def generate(new):
+            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+
+        generate(2)
+        with Timer() as short:
+            generate(1)
+        with Timer() as long:
+            generate(1 + steps)
+        results[batch] = 1e3 * (long.seconds - short.seconds) / steps
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", default="1,8,32,64,128")
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--hf-steps", type=int, default=16)
+    parser.add_argument("--skip-hf", action="store_true")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    ceilings = measure_ceilings()
+    ours, peak, kv_tokens = engine_decode_ms(batches, args.context, args.steps, max(batches))
+    hf = {} if args.skip_hf else hf_decode_ms(batches, args.context, args.hf_steps)
+    weights = param_bytes(LLAMA3_8B)
+    rows = []
+    for batch in batches:
+        ctx = args.context + args.steps // 2
+        floor_bytes = weights + batch * ctx * kv_bytes_per_token(LLAMA3_8B)
+        floor_ms = 1e3 * max(floor_bytes / ceilings["bandwidth"],
+                             batch * weights / ceilings["flops"])  # 2 FLOPs / bf16 weight
+        ms = ours[batch]
+        hf_ms = hf.get(batch, float("nan"))
+        rows.append([batch, ms, batch * 1e3 / ms, floor_ms, f"{100 * floor_ms / ms:.0f}%",
+                     hf_ms, batch * 1e3 / hf_ms, f"{hf_ms / ms:.1f}x"])
+    print(f"\nmeasured: copy {ceilings['bandwidth'] / 1e12:.2f} TB/s, bf16 matmul "
+          f"{ceilings['flops'] / 1e12:.0f} TFLOP/s; weights {weights / 1e9:.2f} GB; "
+          f"peak GPU memory (ours) {peak:.1f} GiB; KV cache {kv_tokens} tokens")
+    print_table(f"Decode, Llama-3-8B shape, bf16, context {args.context}",
+                ["batch", "ours ms/step", "ours tok/s", "floor ms", "% of roofline",
+                 "HF ms/step", "HF tok/s", "speedup vs HF"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Shared pieces of the benchmarks: the measured ceilings (roofline), the Llama-3-8B shape,
+a synthetic tokenizer of its vocabulary size, and table printing."""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 8192,
+    "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001,
+    "torch_dtype": "bfloat16",
+}
+
+
+def llama3_8b_dir(**overrides) -> Path:
+    """A model directory with Llama-3-8B's config.json (weights: --load-format dummy)."""
+    model_dir = Path(tempfile.mkdtemp(prefix="llama3-8b-shape-"))
+    (model_dir / "config.json").write_text(json.dumps({**LLAMA3_8B, **overrides}))
+    return model_dir
+
+
+def write_synthetic_tokenizer(model_dir: Path, vocab_size: int) -> None:
+    """A word-level tokenizer with one word per id ("t0 t1 ..."): serving needs a tokenizer,
+    and random weights need none better."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": f"t{LLAMA3_8B['eos_token_id']}",
+         "model_max_length": 8192}))
+
+
+def param_bytes(config: dict, dtype_bytes: int = 2) -> int:
+    h, i, v, layers = (config["hidden_size"], config["intermediate_size"], config["vocab_size"],
+                       config["num_hidden_layers"])
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * i + 2 * h
+    return dtype_bytes * (layers * per_layer + 2 * v * h + h)
+
+
+def kv_bytes_per_token(config: dict, dtype_bytes: int = 2) -> int:
+    return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"] * dtype_bytes
+
+
+def measure_ceilings() -> dict:
+    """Measured HBM bandwidth (bytes read + written per second) and bf16 matmul FLOP/s."""
+    import triton.testing
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300,
+                                      return_mode="median")
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    mm_ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return {"bandwidth": 2 * (1 << 30) / (copy_ms / 1e3), "flops": 2 * 8192**3 / (mm_ms / 1e3)}
+
+
+def print_table(title: str, headers: list[str], rows: list[list]) -> None:
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    print(f"\n{title}")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(cells[0], widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells[1:]:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+    sys.stdout.flush()
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+class Timer:
+    def __enter__(self):
+        torch.cuda.synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Prepares a lent GPU machine (Python 3.12 with torch preinstalled, no network) to run textgen:
+# a venv that sees the preinstalled torch, with numpy<2 and tritonclient from .carry/ (wheels),
+# tritonserver from the nvidia-pytriton wheel's parts (.carry/tritonserver.tar.xz), and our
+# three packages linked in. Source it from the repository root:  . bench/device_env.sh
+# (.carry/ is made on a networked machine: see bench/RESULTS.md, "Running on the GPU machine").
+set -e
+TORCH_SITE=$(python3 -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")
+python3 -m venv /tmp/v
+SITE=$(/tmp/v/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+/tmp/v/bin/python -m pip install -q --no-index --no-deps --no-compile .carry/*.whl
+echo "$TORCH_SITE" > "$SITE/zz_torch_venv.pth"  # after the venv's own numpy 1.26
+mkdir -p /tmp/textgen_pkgs
+ln -sfn "$PWD/src/textgen_backend" /tmp/textgen_pkgs/textgen_backend
+ln -sfn "$PWD/kernels" /tmp/textgen_pkgs/textgen_kernels
+ln -sfn "$PWD/client" /tmp/textgen_pkgs/textgen_client
+echo /tmp/textgen_pkgs > "$SITE/textgen.pth"
+tar -C "$SITE" -xJf .carry/tritonserver.tar.xz
+set +e
+. /tmp/v/bin/activate
+python -c "import numpy, torch, triton, transformers, tritonclient.grpc, textgen_kernels, textgen_backend; print('[device_env] numpy', numpy.__version__, 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
