@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+# The benchmarks start tritonserver with the e2e tests' harness (tests/server.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,

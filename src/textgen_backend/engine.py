@@ -83,7 +83,9 @@ class Engine:
         if c.max_batch_total_tokens is not None:
             num_blocks = -(-c.max_batch_total_tokens // c.block_size)
         elif self.device.type == "cuda":
-            num_blocks = self._blocks_that_fit(prefill)
+            # More than every admissible request at full length could never be used.
+            useful = -(-c.max_concurrent_requests * max_total // c.block_size)
+            num_blocks = min(self._blocks_that_fit(prefill), useful)
         else:
             num_blocks = -(-4 * max_total // c.block_size)
         if num_blocks * c.block_size < max_total:

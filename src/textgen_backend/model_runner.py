@@ -28,9 +28,15 @@ class StepInputs:
         self.table_width = block_tables.shape[1]
         self.host = torch.from_numpy(packed)
 
-    def to(self, device: torch.device):
-        """(input_ids, positions, slot_mapping, context_lens, cu_seqlens, block_tables) on device."""
-        host = self.host.pin_memory() if device.type == "cuda" else self.host
+    def to(self, device: torch.device, staging: torch.Tensor | None = None):
+        """(input_ids, positions, slot_mapping, context_lens, cu_seqlens, block_tables) on device.
+
+        staging: a pinned host buffer to copy through (reused each step: the step's final sync
+        guarantees the previous copy finished)."""
+        host = self.host
+        if staging is not None:
+            host = staging[:len(self.host)]
+            host.copy_(self.host)
         flat = host.to(device, non_blocking=True)
         t, b = self.num_tokens, self.batch
         sizes = [t, t, t, b, b + 1, b * self.table_width]
@@ -49,6 +55,14 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: DecodeGraphs | None = None
+        self._staging = torch.empty(0, dtype=torch.int32)
+
+    def _upload(self, inputs: StepInputs):
+        if self.device.type != "cuda":
+            return inputs.to(self.device)
+        if len(self._staging) < len(inputs.host):
+            self._staging = torch.empty(2 * len(inputs.host), dtype=torch.int32).pin_memory()
+        return inputs.to(self.device, self._staging)
 
     def kv_bytes_per_block(self) -> int:
         c = self.model_config
@@ -74,11 +88,12 @@ class ModelRunner:
         sampling = build_sampling_batch(out.seqs, self.eos_token_ids,
                                         self.model_config.vocab_size, self.device)
         if not out.is_prefill and self.graphs is not None and self.graphs.fits(len(out.seqs)):
-            logits = self.graphs.run(self._decode_inputs(out.seqs, self.graphs.table_width))
+            inputs = self._decode_inputs(out.seqs, self.graphs.table_width)
+            logits = self.graphs.run(inputs.batch, self._upload(inputs))
         else:
             inputs = (self._prefill_inputs(out.seqs) if out.is_prefill
                       else self._decode_inputs(out.seqs))
-            logits = self._forward(*inputs.to(self.device), is_decode=not out.is_prefill,
+            logits = self._forward(*self._upload(inputs), is_decode=not out.is_prefill,
                                    max_seqlen_q=max(s.num_tokens for s in out.seqs)
                                    if out.is_prefill else 1)
         return sample(logits, sampling).tolist()
@@ -163,10 +178,10 @@ class DecodeGraphs:
         hidden = self.model(self.ids[:size], self.positions[:size], meta)
         return self.model.compute_logits(hidden)
 
-    def run(self, inputs: StepInputs) -> torch.Tensor:
-        batch = inputs.batch
+    def run(self, batch: int, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Replays the graph for `batch` sequences; inputs as StepInputs.to returns them."""
         size = next(s for s in self.batch_sizes if s >= batch)
-        ids, positions, slots, context_lens, _, tables = inputs.to(self.ids.device)
+        ids, positions, slots, context_lens, _, tables = inputs
         self.ids[:batch].copy_(ids)
         self.positions[:batch].copy_(positions)
         self.slots[:batch].copy_(slots)

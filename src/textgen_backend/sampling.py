@@ -15,22 +15,17 @@ _M32 = 0xFFFFFFFF
 
 
 @dataclass
-class SamplingBatch:
-    """Per-sequence sampling parameters of one step, as device tensors ([B] each)."""
-    do_sample: torch.Tensor            # bool
+class RandomSampling:
+    """Parameters of the sampled (non-greedy) rows of a batch, as device tensors [B]."""
+    do_sample: torch.Tensor            # bool; greedy rows keep their argmax
     temperature: torch.Tensor          # float32, 1 where greedy
     top_k: torch.Tensor                # int64, vocab size where disabled
     top_p: torch.Tensor                # float32
     seed_lo: torch.Tensor              # int64, low and high 32 bits of the seed
     seed_hi: torch.Tensor
     step: torch.Tensor                 # int64, index of the token being sampled
-    suppress_eos: torch.Tensor         # bool, min_tokens not reached yet
-    eos_token_ids: torch.Tensor        # [num_eos] int64
-    penalties: PenaltyBatch | None     # None when no sequence uses one
-    any_sample: bool
     any_top_k: bool
     any_top_p: bool
-    any_suppress_eos: bool
 
 
 @dataclass
@@ -42,34 +37,48 @@ class PenaltyBatch:
     output_counts: torch.Tensor        # [B, V] float32: occurrences among generated tokens
 
 
+@dataclass
+class SamplingBatch:
+    """What a step's token selection needs; parts no row uses are None (an all-greedy batch
+    with no penalties is a bare argmax, with nothing copied to the device)."""
+    random: RandomSampling | None
+    suppress_eos: torch.Tensor | None  # [B] bool: min_tokens not reached yet
+    eos_token_ids: torch.Tensor | None # [num_eos] int64
+    penalties: PenaltyBatch | None
+
+
 def build_sampling_batch(seqs: list[Sequence], eos_token_ids: tuple[int, ...], vocab_size: int,
                          device: torch.device) -> SamplingBatch:
-    params = [s.sampling for s in seqs]
-    step = [len(s.output_ids) for s in seqs]
-    suppress = [len(s.output_ids) < s.stopping.min_tokens and not s.stopping.ignore_eos
-                for s in seqs]
-
     def tensor(values, dtype):
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
-    do_sample = [p.do_sample for p in params]
+    suppress = [len(s.output_ids) < s.stopping.min_tokens and not s.stopping.ignore_eos
+                for s in seqs]
+    suppressing = any(suppress) and bool(eos_token_ids)
+    return SamplingBatch(
+        random=_build_random(seqs, vocab_size, tensor),
+        suppress_eos=tensor(suppress, torch.bool) if suppressing else None,
+        eos_token_ids=tensor(list(eos_token_ids), torch.int64) if suppressing else None,
+        penalties=_build_penalties(seqs, vocab_size, device),
+    )
+
+
+def _build_random(seqs: list[Sequence], vocab_size: int, tensor) -> RandomSampling | None:
+    params = [s.sampling for s in seqs]
+    if not any(p.do_sample for p in params):
+        return None
     top_k = [p.top_k if p.do_sample and p.top_k > 0 else vocab_size for p in params]
     top_p = [p.top_p if p.do_sample else 1.0 for p in params]
-    return SamplingBatch(
-        do_sample=tensor(do_sample, torch.bool),
+    return RandomSampling(
+        do_sample=tensor([p.do_sample for p in params], torch.bool),
         temperature=tensor([p.temperature if p.do_sample else 1.0 for p in params], torch.float32),
         top_k=tensor(top_k, torch.int64),
         top_p=tensor(top_p, torch.float32),
         seed_lo=tensor([p.seed & _M32 for p in params], torch.int64),
         seed_hi=tensor([p.seed >> 32 for p in params], torch.int64),
-        step=tensor(step, torch.int64),
-        suppress_eos=tensor(suppress, torch.bool),
-        eos_token_ids=tensor(list(eos_token_ids), torch.int64),
-        penalties=_build_penalties(seqs, vocab_size, device),
-        any_sample=any(do_sample),
+        step=tensor([len(s.output_ids) for s in seqs], torch.int64),
         any_top_k=any(k < vocab_size for k in top_k),
         any_top_p=any(p < 1.0 for p in top_p),
-        any_suppress_eos=any(suppress) and bool(eos_token_ids),
     )
 
 
@@ -115,26 +124,27 @@ def apply_penalties(logits: torch.Tensor, p: PenaltyBatch) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """logits [B, V] float32 -> token ids [B] int64."""
-    if batch.any_suppress_eos:
+    if batch.suppress_eos is not None:
         eos_mask = torch.zeros_like(logits, dtype=torch.bool)
         eos_mask[:, batch.eos_token_ids] = True
         logits = logits.masked_fill(eos_mask & batch.suppress_eos[:, None], float("-inf"))
     if batch.penalties is not None:
         logits = apply_penalties(logits, batch.penalties)
     greedy = logits.argmax(dim=-1)
-    if not batch.any_sample:
+    r = batch.random
+    if r is None:
         return greedy
-    scaled = logits / batch.temperature[:, None]
-    if batch.any_top_k or batch.any_top_p:
-        scaled = _mask_top_k_top_p(scaled, batch)
+    scaled = logits / r.temperature[:, None]
+    if r.any_top_k or r.any_top_p:
+        scaled = _mask_top_k_top_p(scaled, r)
     probs = torch.softmax(scaled, dim=-1)
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (Gumbel-max in disguise).
-    exponential = -torch.log(_uniform(batch, logits.shape[1], logits.device))
+    exponential = -torch.log(_uniform(r, logits.shape[1], logits.device))
     sampled = (probs / exponential).argmax(dim=-1)
-    return torch.where(batch.do_sample, sampled, greedy)
+    return torch.where(r.do_sample, sampled, greedy)
 
 
-def _mask_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def _mask_top_k_top_p(logits: torch.Tensor, batch: RandomSampling) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[1]
     rank = torch.arange(vocab, device=logits.device)[None, :]
@@ -155,7 +165,7 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def _uniform(batch: SamplingBatch, vocab: int, device: torch.device) -> torch.Tensor:
+def _uniform(batch: RandomSampling, vocab: int, device: torch.device) -> torch.Tensor:
     """[B, V] floats in (0, 1), a pure function of (seed, step, token id)."""
     key = _fmix32(batch.seed_lo ^ _fmix32(batch.seed_hi ^ 0x9E3779B9))
     key = _fmix32(key ^ ((batch.step * 0x632BE5AB) & _M32))[:, None]

@@ -46,7 +46,8 @@ def tiny_reference(tiny_model_dir):
 
 
 def _serve(tmp_path_factory, name, **config):
-    server = TritonServer(EngineConfig(**config), tmp_path_factory.mktemp(name))
+    # float32 on a GPU too, where the default would be bfloat16: parity is token-exact.
+    server = TritonServer(EngineConfig(dtype="float32", **config), tmp_path_factory.mktemp(name))
     yield server
     server.stop()
 

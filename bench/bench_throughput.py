@@ -1,0 +1,195 @@
+"""Offline throughput on 1,000 synthetic ShareGPT-shaped requests (lognormal lengths, mean ~200
+input / ~180 output tokens, fixed seed, EOS ignored): our engine in-process, the same engine
+through tritonserver with concurrent gRPC streaming clients, and HF transformers generate.
+
+    python bench/bench_throughput.py [--requests 1000] [--clients 8] [--streams 48]
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import gc
+import math
+import multiprocessing
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import (LLAMA3_8B, Timer, llama3_8b_dir, measure_ceilings, print_table,
+                    write_synthetic_tokenizer)
+
+MAX_LEN = 1024
+
+
+def workload(count: int, seed: int = 0) -> list[tuple[int, int]]:
+    """(input tokens, output tokens) pairs, lognormal like ShareGPT, clipped to [4, 1024]."""
+    rng = np.random.default_rng(seed)
+    inputs = rng.lognormal(math.log(200) - 0.5 * 0.9**2, 0.9, count)
+    outputs = rng.lognormal(math.log(180) - 0.5 * 0.9**2, 0.9, count)
+    clip = lambda x: int(min(max(round(x), 4), MAX_LEN))  # noqa: E731
+    return [(clip(i), clip(o)) for i, o in zip(inputs, outputs)]
+
+
+def engine_config(model_dir: Path, **overrides):
+    from textgen_backend.config import EngineConfig
+
+    return EngineConfig(model_id=str(model_dir), load_format="dummy", dtype="bfloat16",
+                        max_input_tokens=MAX_LEN, max_total_tokens=2 * MAX_LEN,
+                        max_batch_prefill_tokens=8192, max_concurrent_requests=1024,
+                        max_batch_size=256, **overrides)
+
+
+def in_process(model_dir: Path, requests, profile_steps: int = 40) -> dict:
+    from textgen_backend.engine import Engine
+    from textgen_backend.params import SamplingParams, StoppingParams
+    from textgen_backend.sequence import Sequence
+
+    engine = Engine(engine_config(model_dir), model_dir)
+    rng = np.random.default_rng(1)
+    seqs = [Sequence(i, rng.integers(0, 128000, n_in).tolist(), SamplingParams(),
+                     StoppingParams(max_tokens=n_out, ignore_eos=True))
+            for i, (n_in, n_out) in enumerate(requests)]
+    warm = Sequence(-1, [1] * 64, SamplingParams(), StoppingParams(max_tokens=8, ignore_eos=True))
+    engine.add(warm)
+    while engine.has_work():
+        engine.step()
+    busy = None
+    with Timer() as t:
+        for s in seqs:
+            engine.add(s)
+        steps = 0
+        while engine.has_work():
+            if steps == 200:  # steady state: measure the GPU-busy fraction over a window
+                busy = gpu_busy_fraction(engine, profile_steps)
+            engine.step()
+            steps += 1
+    tokens = sum(len(s.output_ids) for s in seqs)
+    result = {"seconds": t.seconds, "tokens": tokens, "busy": busy,
+              "kv_tokens": engine.limits.max_batch_total_tokens,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def gpu_busy_fraction(engine, steps: int) -> float:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with Timer() as t:
+            for _ in range(steps):
+                if engine.has_work():
+                    engine.step()
+    busy_us = sum(e.device_time for e in prof.events() if e.device_type.name == "CUDA")
+    return busy_us / 1e6 / t.seconds
+
+
+def _client_worker(args):
+    url, jobs, streams = args
+    from textgen_client import TextgenClient
+
+    def run(job):
+        n_in, n_out = job
+        client = TextgenClient(url)
+        try:
+            prompt = " ".join(f"t{(7 * k) % 128000}" for k in range(n_in))
+            last = None
+            for last in client.stream(prompt, max_tokens=n_out, ignore_eos=True):
+                pass
+            return last.num_output_tokens
+        finally:
+            client.close()
+
+    with futures.ThreadPoolExecutor(streams) as pool:
+        return sum(pool.map(run, jobs))
+
+
+def through_tritonserver(model_dir: Path, requests, clients: int, streams: int) -> dict:
+    from server import TritonServer
+
+    write_synthetic_tokenizer(model_dir, LLAMA3_8B["vocab_size"])
+    server = TritonServer(engine_config(model_dir), Path(tempfile.mkdtemp()), startup_timeout=600)
+    try:
+        shards = [(server.grpc_url, requests[i::clients], streams) for i in range(clients)]
+        _client_worker((server.grpc_url, [(16, 8)] * 4, 4))  # warm-up
+        with multiprocessing.get_context("spawn").Pool(clients) as pool:
+            started = time.perf_counter()
+            tokens = sum(pool.map(_client_worker, shards))
+            seconds = time.perf_counter() - started
+    finally:
+        server.stop()
+    return {"seconds": seconds, "tokens": tokens}
+
+
+def hf_subset(requests, batch: int, cap: int) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in LLAMA3_8B.items() if k != "architectures"})
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model.generation_config.pad_token_id = 0
+    subset = requests[:batch]
+    longest = max(n for n, _ in subset)
+    ids = torch.randint(1, 128000, (batch, longest), device="cuda")
+    mask = torch.zeros_like(ids)
+    for row, (n, _) in enumerate(subset):
+        mask[row, longest - n:] = 1  # left padding
+    new = min(cap, max(o for _, o in subset))
+    with Timer() as t:
+        model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False)
+    useful = sum(min(o, new) for _, o in subset)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"seconds": t.seconds, "tokens": useful, "batch": batch, "steps": new}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=8, help="client processes")
+    parser.add_argument("--streams", type=int, default=48, help="concurrent streams per process")
+    parser.add_argument("--hf-batch", type=int, default=64)
+    parser.add_argument("--hf-cap", type=int, default=256, help="HF output tokens per request")
+    parser.add_argument("--skip", default="", help="comma list of: engine,triton,hf")
+    args = parser.parse_args()
+    skip = set(args.skip.split(","))
+    requests = workload(args.requests)
+    n_in = sum(i for i, _ in requests) / len(requests)
+    n_out = sum(o for _, o in requests) / len(requests)
+    ceilings = measure_ceilings()
+    model_dir = llama3_8b_dir()
+    rows = []
+    engine = None if "engine" in skip else in_process(model_dir, requests)
+    if engine:
+        rows.append(["engine in-process", args.requests, engine["tokens"], engine["seconds"],
+                     engine["tokens"] / engine["seconds"], "100%"])
+    if "triton" not in skip:
+        served = through_tritonserver(model_dir, requests, args.clients, args.streams)
+        share = (f"{100 * served['tokens'] / served['seconds'] / (engine['tokens'] / engine['seconds']):.0f}%"
+                 if engine else "")
+        rows.append([f"tritonserver, {args.clients}x{args.streams} gRPC streams", args.requests,
+                     served["tokens"], served["seconds"], served["tokens"] / served["seconds"], share])
+    if "hf" not in skip:
+        hf = hf_subset(requests, args.hf_batch, args.hf_cap)
+        rows.append([f"HF generate, first {hf['batch']} requests in one batch, {hf['steps']} steps",
+                     hf["batch"], hf["tokens"], hf["seconds"], hf["tokens"] / hf["seconds"], ""])
+    print(f"\nworkload: {args.requests} requests, mean {n_in:.0f} input / {n_out:.0f} output tokens"
+          f"; copy {ceilings['bandwidth'] / 1e12:.2f} TB/s, bf16 matmul "
+          f"{ceilings['flops'] / 1e12:.0f} TFLOP/s")
+    if engine:
+        print(f"engine: KV cache {engine['kv_tokens']} tokens, peak GPU memory "
+              f"{engine['peak_gib']:.1f} GiB, GPU busy {100 * engine['busy']:.0f}% of wall time "
+              f"in steady state")
+    print_table("Offline throughput, Llama-3-8B shape, bf16",
+                ["path", "requests", "output tokens", "seconds", "output tok/s", "vs in-process"],
+                rows)
+
+
+if __name__ == "__main__":
+    main()
