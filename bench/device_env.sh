@@ -9,7 +9,16 @@ TORCH_SITE=$(python3 -c "import os, torch; print(os.path.dirname(os.path.dirname
 python3 -m venv /tmp/v
 SITE=$(/tmp/v/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 /tmp/v/bin/python -m pip install -q --no-index --no-deps --no-compile .carry/*.whl
-echo "$TORCH_SITE" > "$SITE/zz_torch_venv.pth"  # after the venv's own numpy 1.26
+# The preinstalled packages, less numpy 2 and what needs it (scipy, sklearn: transformers
+# imports sklearn when present), linked into one directory that the venv appends to its path.
+mkdir -p /tmp/torch_site
+for entry in "$TORCH_SITE"/*; do
+  case "$(basename "$entry")" in
+    numpy*|scipy*|sklearn*|scikit_learn*|*.pth) ;;
+    *) ln -sfn "$entry" /tmp/torch_site/ ;;
+  esac
+done
+echo /tmp/torch_site > "$SITE/zz_torch_site.pth"
 mkdir -p /tmp/textgen_pkgs
 ln -sfn "$PWD/src/textgen_backend" /tmp/textgen_pkgs/textgen_backend
 ln -sfn "$PWD/kernels" /tmp/textgen_pkgs/textgen_kernels
@@ -18,4 +27,4 @@ echo /tmp/textgen_pkgs > "$SITE/textgen.pth"
 tar -C "$SITE" -xJf .carry/tritonserver.tar.xz
 set +e
 . /tmp/v/bin/activate
-python -c "import numpy, torch, triton, transformers, tritonclient.grpc, textgen_kernels, textgen_backend; print('[device_env] numpy', numpy.__version__, 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+python -c "import numpy, torch, triton, transformers, tritonclient.grpc, textgen_kernels, textgen_backend; from transformers import LlamaForCausalLM; print('[device_env] numpy', numpy.__version__, 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
