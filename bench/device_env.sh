@@ -5,6 +5,8 @@
 # three packages linked in. Source it from the repository root:  . bench/device_env.sh
 # (.carry/ is made on a networked machine: see bench/RESULTS.md, "Running on the GPU machine").
 set -e
+echo "[device_env] PYTHONPATH was '${PYTHONPATH:-}'"
+unset PYTHONPATH  # the image may point it at the preinstalled site-packages (numpy 2)
 TORCH_SITE=$(python3 -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")
 python3 -m venv /tmp/v
 SITE=$(/tmp/v/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
@@ -27,4 +29,5 @@ echo /tmp/textgen_pkgs > "$SITE/textgen.pth"
 tar -C "$SITE" -xJf .carry/tritonserver.tar.xz
 set +e
 . /tmp/v/bin/activate
+python -c "import sys; print('[device_env] sys.path', sys.path)"
 python -c "import numpy, torch, triton, transformers, tritonclient.grpc, textgen_kernels, textgen_backend; from transformers import LlamaForCausalLM; print('[device_env] numpy', numpy.__version__, 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
