@@ -4,6 +4,7 @@ sync is reading the sampled tokens."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,13 +36,23 @@ class StepInputs:
         guarantees the previous copy finished)."""
         host = self.host
         if staging is not None:
-            host = staging[:len(self.host)]
+            host = staging
             host.copy_(self.host)
         flat = host.to(device, non_blocking=True)
         t, b = self.num_tokens, self.batch
         sizes = [t, t, t, b, b + 1, b * self.table_width]
         ids, positions, slots, context_lens, cu_seqlens, tables = flat.split(sizes)
         return ids, positions, slots, context_lens, cu_seqlens, tables.view(b, self.table_width)
+
+
+@dataclass
+class DecodeArrays:
+    """A decode step's per-sequence inputs on the host."""
+    ids: list[int]
+    positions: np.ndarray
+    slots: list[int]
+    context_lens: list[int]
+    block_ids: list[list[int]]
 
 
 class ModelRunner:
@@ -57,12 +68,17 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self._staging = torch.empty(0, dtype=torch.int32)
 
+    def _pinned(self, size: int) -> torch.Tensor:
+        """A pinned host buffer of at least `size` int32s, reused from step to step (each step
+        ends with a sync, so the previous step's copy out of it has finished)."""
+        if len(self._staging) < size:
+            self._staging = torch.empty(2 * size, dtype=torch.int32).pin_memory()
+        return self._staging[:size]
+
     def _upload(self, inputs: StepInputs):
         if self.device.type != "cuda":
             return inputs.to(self.device)
-        if len(self._staging) < len(inputs.host):
-            self._staging = torch.empty(2 * len(inputs.host), dtype=torch.int32).pin_memory()
-        return inputs.to(self.device, self._staging)
+        return inputs.to(self.device, self._pinned(len(inputs.host)))
 
     def kv_bytes_per_block(self) -> int:
         c = self.model_config
@@ -88,8 +104,7 @@ class ModelRunner:
         sampling = build_sampling_batch(out.seqs, self.eos_token_ids,
                                         self.model_config.vocab_size, self.device)
         if not out.is_prefill and self.graphs is not None and self.graphs.fits(len(out.seqs)):
-            inputs = self._decode_inputs(out.seqs, self.graphs.table_width)
-            logits = self.graphs.run(inputs.batch, self._upload(inputs))
+            logits = self.graphs.run(self._decode_arrays(out.seqs), self._pinned)
         else:
             inputs = (self._prefill_inputs(out.seqs) if out.is_prefill
                       else self._decode_inputs(out.seqs))
@@ -114,19 +129,21 @@ class ModelRunner:
         cu_seqlens = np.concatenate([[0], np.cumsum(lengths)])
         return StepInputs(token_ids, positions, slots, lengths, cu_seqlens, self._tables(seqs))
 
-    def _decode_inputs(self, seqs: list[Sequence], table_width: int | None = None) -> StepInputs:
+    def _decode_arrays(self, seqs: list[Sequence]) -> DecodeArrays:
         bs = self.block_size
         lengths = [s.num_tokens for s in seqs]
         slots = [s.block_ids[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(seqs, lengths)]
-        positions = np.asarray(lengths) - 1
-        cu_seqlens = np.arange(len(seqs) + 1)
-        return StepInputs([s.last_token for s in seqs], positions, slots, lengths, cu_seqlens,
-                          self._tables(seqs, table_width))
+        return DecodeArrays(ids=[s.last_token for s in seqs], positions=np.asarray(lengths) - 1,
+                            slots=slots, context_lens=lengths, block_ids=[s.block_ids for s in seqs])
+
+    def _decode_inputs(self, seqs: list[Sequence]) -> StepInputs:
+        a = self._decode_arrays(seqs)
+        return StepInputs(a.ids, a.positions, a.slots, a.context_lens, np.arange(len(seqs) + 1),
+                          self._tables(seqs))
 
     @staticmethod
-    def _tables(seqs: list[Sequence], width: int | None = None) -> np.ndarray:
-        width = width or max(len(s.block_ids) for s in seqs)
-        tables = np.zeros((len(seqs), width), dtype=np.int32)
+    def _tables(seqs: list[Sequence]) -> np.ndarray:
+        tables = np.zeros((len(seqs), max(len(s.block_ids) for s in seqs)), dtype=np.int32)
         for row, s in enumerate(seqs):
             tables[row, :len(s.block_ids)] = s.block_ids
         return tables
@@ -138,27 +155,25 @@ class ModelRunner:
 
 class DecodeGraphs:
     """CUDA graphs of the decode forward pass (embedding to logits), one per captured batch
-    size; a batch runs in the smallest graph that holds it, its padding rows having context
-    length 0 and slot -1 (nothing read, nothing stored)."""
+    size. A batch runs in the smallest graph that holds it; its padding rows have context length
+    0 and slot -1 (nothing read, nothing stored). Each graph reads its inputs from one static
+    int32 buffer laid out [ids | positions | slots | context_lens | block tables], filled by a
+    single host-to-device copy per step."""
 
     def __init__(self, model: nn.Module, batch_sizes: tuple[int, ...], table_width: int,
                  vocab_size: int, device: torch.device):
         self.model = model
         self.table_width = table_width
         self.batch_sizes = sorted(batch_sizes)
-        largest = self.batch_sizes[-1]
-        # Static inputs, sliced per graph: ids, positions, slots, context_lens, block tables.
-        self.ids = torch.zeros(largest, dtype=torch.int32, device=device)
-        self.positions = torch.zeros_like(self.ids)
-        self.slots = torch.full_like(self.ids, -1)
-        self.context_lens = torch.zeros_like(self.ids)
-        self.cu_seqlens = torch.arange(largest + 1, dtype=torch.int32, device=device)
-        self.tables = torch.zeros(largest, table_width, dtype=torch.int32, device=device)
+        self.inputs = torch.zeros(self._buffer_len(self.batch_sizes[-1]), dtype=torch.int32,
+                                  device=device)
+        self.cu_seqlens = torch.arange(self.batch_sizes[-1] + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for size in reversed(self.batch_sizes):  # largest first: the pool fits the rest
+                self.inputs[self._layout(size)["slots"]].fill_(-1)
                 self._forward(size)                  # warm-up (Triton compiles here)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
@@ -170,25 +185,40 @@ class DecodeGraphs:
     def fits(self, batch: int) -> bool:
         return batch <= self.batch_sizes[-1]
 
+    def _buffer_len(self, size: int) -> int:
+        return size * (4 + self.table_width)
+
+    @staticmethod
+    def _layout(size: int) -> dict[str, slice]:
+        return {name: slice(i * size, (i + 1) * size)
+                for i, name in enumerate(("ids", "positions", "slots", "context_lens"))}
+
     def _forward(self, size: int) -> torch.Tensor:
-        meta = AttentionMetadata(is_decode=True, slot_mapping=self.slots[:size],
-                                 context_lens=self.context_lens[:size],
-                                 block_tables=self.tables[:size],
+        part = {name: self.inputs[sl] for name, sl in self._layout(size).items()}
+        tables = self.inputs[4 * size:self._buffer_len(size)].view(size, self.table_width)
+        meta = AttentionMetadata(is_decode=True, slot_mapping=part["slots"],
+                                 context_lens=part["context_lens"], block_tables=tables,
                                  cu_seqlens_q=self.cu_seqlens[:size + 1], max_seqlen_q=1)
-        hidden = self.model(self.ids[:size], self.positions[:size], meta)
+        hidden = self.model(part["ids"], part["positions"], meta)
         return self.model.compute_logits(hidden)
 
-    def run(self, batch: int, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Replays the graph for `batch` sequences; inputs as StepInputs.to returns them."""
+    def run(self, arrays: DecodeArrays, pinned) -> torch.Tensor:
+        """Replays the smallest graph holding the batch; pinned(n) gives a host buffer."""
+        batch = len(arrays.ids)
         size = next(s for s in self.batch_sizes if s >= batch)
-        ids, positions, slots, context_lens, _, tables = inputs
-        self.ids[:batch].copy_(ids)
-        self.positions[:batch].copy_(positions)
-        self.slots[:batch].copy_(slots)
-        self.context_lens[:batch].copy_(context_lens)
-        self.tables[:batch].copy_(tables)
-        if size > batch:  # padding rows: nothing to read, nothing to store
-            self.slots[batch:size].fill_(-1)
-            self.context_lens[batch:size].zero_()
+        buffer = pinned(self._buffer_len(size))
+        host = buffer.numpy()
+        host[:] = 0
+        layout = self._layout(size)
+        host[layout["ids"]][:batch] = arrays.ids
+        host[layout["positions"]][:batch] = arrays.positions
+        slots = host[layout["slots"]]
+        slots[:batch] = arrays.slots
+        slots[batch:] = -1                    # padding rows store nothing
+        host[layout["context_lens"]][:batch] = arrays.context_lens  # padding rows read nothing
+        tables = host[4 * size:].reshape(size, self.table_width)
+        for row, ids in enumerate(arrays.block_ids):
+            tables[row, :len(ids)] = ids
+        self.inputs[:len(host)].copy_(buffer, non_blocking=True)
         self.graphs[size].replay()
         return self.logits[size][:batch]
