@@ -56,17 +56,33 @@ def in_process(model_dir: Path, requests, profile_steps: int = 40) -> dict:
     engine.add(warm)
     while engine.has_work():
         engine.step()
-    busy = None
+    busy = gpu_busy_fraction(engine, seqs[:256], profile_steps)
+    executed = []  # (is_prefill, sequences, tokens, seconds) of each model step
+    execute = engine.runner.execute
+
+    def timed_execute(out):
+        start = time.perf_counter()
+        tokens = execute(out)
+        executed.append((out.is_prefill, len(out.seqs),
+                         sum(s.num_tokens for s in out.seqs) if out.is_prefill else len(out.seqs),
+                         time.perf_counter() - start))
+        return tokens
+
+    engine.runner.execute = timed_execute
     with Timer() as t:
         for s in seqs:
             engine.add(s)
-        steps = 0
         while engine.has_work():
-            if steps == 200:  # steady state: measure the GPU-busy fraction over a window
-                busy = gpu_busy_fraction(engine, profile_steps)
             engine.step()
-            steps += 1
     tokens = sum(len(s.output_ids) for s in seqs)
+    for kind in (True, False):
+        steps = [e for e in executed if e[0] == kind]
+        print(f"{'prefill' if kind else 'decode'} steps: {len(steps)}, "
+              f"{sum(e[3] for e in steps):.2f} s in execute(), mean batch "
+              f"{sum(e[1] for e in steps) / max(1, len(steps)):.1f} sequences / "
+              f"{sum(e[2] for e in steps) / max(1, len(steps)):.0f} tokens")
+    print(f"outside execute() (scheduling, bookkeeping): "
+          f"{t.seconds - sum(e[3] for e in executed):.2f} s")
     result = {"seconds": t.seconds, "tokens": tokens, "busy": busy,
               "kv_tokens": engine.limits.max_batch_total_tokens,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
@@ -76,15 +92,25 @@ def in_process(model_dir: Path, requests, profile_steps: int = 40) -> dict:
     return result
 
 
-def gpu_busy_fraction(engine, steps: int) -> float:
+def gpu_busy_fraction(engine, seqs, steps: int) -> float:
+    """GPU-busy share of wall time over `steps` decode steps of a full batch (a profiled
+    copy of the first sequences; the profiler's own overhead makes this a lower bound)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from textgen_backend.sequence import Sequence
+
+    for s in seqs:
+        engine.add(Sequence(-2 - s.seq_id, s.prompt_ids, s.sampling, s.stopping))
+    while engine.scheduler.waiting:
+        engine.step()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         with Timer() as t:
             for _ in range(steps):
-                if engine.has_work():
-                    engine.step()
+                engine.step()
     busy_us = sum(e.device_time for e in prof.events() if e.device_type.name == "CUDA")
+    for s in seqs:
+        engine.abort(-2 - s.seq_id, "cancelled")
+    engine.step()
     return busy_us / 1e6 / t.seconds
 
 

@@ -51,6 +51,7 @@ class Engine:
         self.limits = self._resolve_limits()
         self.runner.allocate_kv_cache(self.limits.num_kv_blocks)
         if model.layers[0].self_attn.attn.ops.name == "triton":
+            self._compile_prefill_kernels()
             max_blocks = -(-self.limits.max_total_tokens // config.block_size)
             sizes = [b for b in config.cuda_graph_batch_sizes
                      if config.max_batch_size is None or b <= config.max_batch_size]
@@ -116,6 +117,27 @@ class Engine:
         if num_blocks < 1:
             raise RuntimeError("no GPU memory left for the KV cache after loading the model")
         return num_blocks
+
+    def _compile_prefill_kernels(self) -> None:
+        """Runs small prefills of assorted shapes so that Triton compiles the variants it
+        specializes on (query tile sizes, 16-divisible lengths and strides) now, not in the
+        middle of serving; compiled kernels are cached on disk for later starts."""
+        bs, blocks = self.config.block_size, self.limits.num_kv_blocks
+        started = time.monotonic()
+        for lengths in ([1], [16], [17], [40, 9], [100, 33, 2], [256], [300, 70]):
+            seqs, next_block = [], 0
+            for n in lengths:
+                n = min(n, self.limits.max_batch_prefill_tokens // len(lengths))
+                seq = Sequence(-1, [0] * n, SamplingParams(), StoppingParams(max_tokens=1))
+                needed = -(-n // bs)
+                if next_block + needed > blocks:
+                    break
+                seq.block_ids = list(range(next_block, next_block + needed))
+                next_block += needed
+                seqs.append(seq)
+            if seqs:
+                self.runner.execute(SchedulerOutput(seqs, is_prefill=True))
+        logger.info("[textgen] prefill kernels compiled in %.1fs", time.monotonic() - started)
 
     # --- the step -----------------------------------------------------------------------------
 

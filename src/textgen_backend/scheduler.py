@@ -128,15 +128,19 @@ class Scheduler:
         """Gives every running sequence a slot for its next token, preempting the newest."""
         kept: list[Sequence] = []
         pending = deque(self.running)
+        bm = self.block_manager
         while pending:
             seq = pending.popleft()
-            while not self.block_manager.can_append(seq):
+            if len(seq.block_ids) * bm.block_size >= seq.num_tokens:  # room in its last block
+                kept.append(seq)
+                continue
+            while not bm.can_append(seq):
                 victim = pending.pop() if pending else seq
                 self._preempt(victim)
                 if victim is seq:
                     break
             else:
-                self.block_manager.append_slot(seq)
+                bm.append_slot(seq)
                 kept.append(seq)
         self.running = kept
 
