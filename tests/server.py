@@ -47,6 +47,12 @@ class TritonServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def _failure_lines(self) -> str:
+        """The log's error lines (model load failures, tracebacks), else its tail."""
+        lines = [line for line in self.log().splitlines()
+                 if any(k in line for k in ("UNAVAILABLE", "Error", "error", "Traceback"))]
+        return "\n".join(lines)[-8000:] or self.log()[-5000:]
+
     def is_alive(self) -> bool:
         return self.process.poll() is None
 
@@ -55,7 +61,7 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n"
-                                   + self.log()[-5000:])
+                                   + self._failure_lines())
             try:
                 url = f"{self.http_url}/v2/models/ensemble/ready"
                 with urllib.request.urlopen(url, timeout=2) as response:
