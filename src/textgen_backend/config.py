@@ -53,6 +53,10 @@ class EngineConfig:
                                    "whatever the waiting_served_ratio.", default=20)
     max_batch_size: int | None = flag("Most sequences in a batch (default: no limit).")
     block_size: int = flag("Tokens per KV-cache block.", default=16)
+    stream_responses_per_second: int = flag(
+        "Streamed responses per second shared by all streams: past it, a stream's tokens are "
+        "coalesced into fewer, longer deltas (each response has a fixed cost in Triton).",
+        default=4000)
     cuda_memory_fraction: float = flag("Fraction of the GPU's memory the engine may use.",
                                        default=0.9)
     cuda_graphs: str = flag("Decode batch sizes to capture CUDA graphs for (a batch runs in the "
@@ -62,7 +66,8 @@ class EngineConfig:
                                         "kernels on the GPU (no CUDA graphs then).", default=False)
 
     def __post_init__(self):
-        positive = ["max_concurrent_requests", "max_client_batch_size", "max_input_tokens", "max_total_tokens",
+        positive = ["max_concurrent_requests", "max_client_batch_size",
+                    "stream_responses_per_second", "max_input_tokens", "max_total_tokens",
                     "max_batch_prefill_tokens", "max_batch_total_tokens", "max_batch_size",
                     "block_size"]
         for name in positive:

@@ -3,9 +3,14 @@ sequences, streaming deltas or one whole result, and the request's single final 
 
 Runs on the service's output thread, never on the engine thread. Tokens that arrive for a
 sequence after it stopped on a stop sequence (the engine learns of it a step later) are dropped.
+
+Every streamed response costs Triton (and the ensemble's detokenizer step) a fixed amount of
+work, so streams share a budget of responses per second: a stream's new text goes out at once
+when few streams are active, and is coalesced into fewer, longer deltas when many are.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,6 +40,7 @@ class SequenceText:
     text: list[str] = field(default_factory=list)   # not yet sent
     ids: list[int] = field(default_factory=list)    # not yet sent
     finish_reason: str = ""
+    last_sent: float | None = None                  # time.monotonic() of the last response
 
 
 @dataclass
@@ -55,9 +61,11 @@ class ProcessResult:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, responses_per_second: float):
         self.tokenizer = tokenizer
+        self.responses_per_second = responses_per_second
         self.requests: dict[int, RequestState] = {}   # by sequence id
+        self.unsent: dict[int, RequestState] = {}     # streams holding coalesced text
 
     def register(self, sink: ResponseSink, prompts: list[Prompt], seq_ids: list[int]) -> None:
         sequences = {}
@@ -85,14 +93,44 @@ class OutputProcessor:
             if seq.finish_reason:
                 continue
             if out.error is not None:
+                seq.finish_reason = "error"
                 self._fail(state, out.error, result)
                 continue
             if self._advance(seq, out):
                 result.stop_seq_ids.append(seq.seq_id)
             touched[out.seq_id] = state
+        now = time.monotonic()
+        interval = self.stream_interval()
         for seq_id, state in touched.items():
-            self._respond(state, state.sequences[seq_id], result)
+            seq = state.sequences[seq_id]
+            if seq.finish_reason or (state.stream and self._due(seq, now, interval)):
+                self._respond(state, seq, result, now)
+            elif state.stream:
+                self.unsent[seq_id] = state
         return result
+
+    def stream_interval(self) -> float:
+        """Seconds between two responses of one stream that keep all streams in the budget."""
+        return len(self.requests) / self.responses_per_second
+
+    def flush_due(self) -> tuple[ProcessResult, float | None]:
+        """Sends the coalesced text whose time has come; returns it and the seconds until the
+        next stream falls due (None when nothing waits)."""
+        result = ProcessResult([], [], [])
+        now, interval = time.monotonic(), self.stream_interval()
+        next_due = None
+        for seq_id, state in list(self.unsent.items()):
+            seq = state.sequences[seq_id]
+            if self._due(seq, now, interval):
+                self._respond(state, seq, result, now)
+            else:
+                wait = seq.last_sent + interval - now
+                next_due = wait if next_due is None else min(next_due, wait)
+        return result, next_due
+
+    @staticmethod
+    def _due(seq: SequenceText, now: float, interval: float) -> bool:
+        return seq.last_sent is None or now - seq.last_sent >= interval
 
     def newly_cancelled(self) -> list[list[int]]:
         """Sequence ids of each request whose client cancelled since the last call."""
@@ -136,10 +174,11 @@ class OutputProcessor:
             seq.text.append(tail)
         return False
 
-    def _respond(self, state: RequestState, seq: SequenceText, result: ProcessResult) -> None:
+    def _respond(self, state: RequestState, seq: SequenceText, result: ProcessResult,
+                 now: float) -> None:
         finished = bool(seq.finish_reason)
-        if not state.stream and not finished:
-            return
+        self.unsent.pop(seq.seq_id, None)
+        seq.last_sent = now
         if finished:
             state.num_unfinished -= 1
         text = seq.prefix + "".join(seq.text)
@@ -163,4 +202,5 @@ class OutputProcessor:
     def _forget(self, state: RequestState, result: ProcessResult) -> None:
         for seq_id in state.sequences:
             self.requests.pop(seq_id, None)
+            self.unsent.pop(seq_id, None)
         result.finished_requests.append(state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from typing import Callable
@@ -20,7 +21,7 @@ import torch
 from textgen_backend.config import EngineConfig
 from textgen_backend.engine import Engine
 from textgen_backend.metrics import EngineStats
-from textgen_backend.output_processor import OutputProcessor, ResponseSink
+from textgen_backend.output_processor import OutputProcessor, ProcessResult, ResponseSink
 from textgen_backend.params import RequestError
 from textgen_backend.request import parse_prompts
 from textgen_backend.sequence import Sequence
@@ -30,6 +31,9 @@ from textgen_backend.weights import resolve_model_dir
 logger = logging.getLogger("textgen")
 
 _CANCEL_POLL_SECONDS = 0.05
+# The engine thread needs the GIL back as soon as a step's sync returns; Python's default 5 ms
+# switch interval would let the output thread hold it for most of a decode step.
+_GIL_SWITCH_INTERVAL_SECONDS = 0.0005
 
 
 class GenerationService:
@@ -41,7 +45,8 @@ class GenerationService:
         model_dir = resolve_model_dir(config.model_id, config.revision,
                                       config.huggingface_hub_cache)
         self.engine = Engine(config, model_dir, device)
-        self.outputs = OutputProcessor(load_tokenizer(model_dir))
+        self.outputs = OutputProcessor(load_tokenizer(model_dir),
+                                       config.stream_responses_per_second)
         self._commands: queue.Queue = queue.Queue()
         self._results: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
@@ -51,6 +56,7 @@ class GenerationService:
                                                daemon=True)
         self._output_thread = threading.Thread(target=self._output_loop, name="textgen-output",
                                                daemon=True)
+        sys.setswitchinterval(_GIL_SWITCH_INTERVAL_SECONDS)
         self._engine_thread.start()
         self._output_thread.start()
 
@@ -133,9 +139,9 @@ class GenerationService:
     # --- output thread -------------------------------------------------------------------------
 
     def _output_loop(self) -> None:
-        last_poll = 0.0
+        last_poll, wait = 0.0, _CANCEL_POLL_SECONDS
         while True:
-            messages = self._drain(self._results, block=True, timeout=_CANCEL_POLL_SECONDS)
+            messages = self._drain(self._results, block=True, timeout=wait)
             step_outputs = []
             stopping = False
             for message in messages:
@@ -149,16 +155,18 @@ class GenerationService:
                 else:
                     stopping = True
             if step_outputs:
-                self._deliver(step_outputs)
+                self._deliver(self.outputs.process(step_outputs))
+            flushed, next_due = self.outputs.flush_due()
+            self._deliver(flushed)
             if stopping:
                 return
             if time.monotonic() - last_poll >= _CANCEL_POLL_SECONDS:
                 last_poll = time.monotonic()
                 for seq_ids in self.outputs.newly_cancelled():
                     self._abort(seq_ids, "cancelled")
+            wait = _CANCEL_POLL_SECONDS if next_due is None else max(0.0, min(next_due, _CANCEL_POLL_SECONDS))
 
-    def _deliver(self, step_outputs) -> None:
-        result = self.outputs.process(step_outputs)
+    def _deliver(self, result: ProcessResult) -> None:
         for sink, response, error, final in result.sends:
             try:
                 sink.send(response, error, final)

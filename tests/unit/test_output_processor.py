@@ -1,0 +1,127 @@
+"""Tokens -> responses: streaming deltas, whole results, one final per request, coalescing."""
+import time
+
+import pytest
+
+from assets import byte_level_bpe_tokenizer
+from textgen_backend.output_processor import OutputProcessor
+from textgen_backend.params import RequestParams, SamplingParams, StoppingParams
+from textgen_backend.request import Prompt
+from textgen_backend.scheduler import StepOutput
+
+pytestmark = pytest.mark.unit
+
+TEXT = "Streams of tokens become text, one delta at a time."
+
+
+class ListSink:
+    def __init__(self):
+        self.sent = []   # (response, error, final)
+
+    def send(self, response, error, final):
+        self.sent.append((response, error, final))
+
+    def is_cancelled(self):
+        return False
+
+
+def prompt(index=0, stream=True, stops=(), max_tokens=50):
+    params = RequestParams(SamplingParams(), StoppingParams(max_tokens=max_tokens,
+                                                            stop_sequences=tuple(stops)),
+                           stream=stream)
+    return Prompt([5, 6], "prompt", index, params)
+
+
+def setup(responses_per_second=1e9, **kw):
+    tokenizer = byte_level_bpe_tokenizer()
+    processor = OutputProcessor(tokenizer, responses_per_second)
+    sink = ListSink()
+    return tokenizer, processor, sink
+
+
+def deliver(processor, outputs):
+    result = processor.process(outputs)
+    for sink, response, error, final in result.sends:
+        sink.send(response, error, final)
+    return result
+
+
+def feed_tokens(processor, seq_id, ids, finish="length"):
+    for i, token in enumerate(ids):
+        deliver(processor, [StepOutput(seq_id, [token], finish if i == len(ids) - 1 else None)])
+
+
+def test_streaming_deltas_concatenate_to_the_decoded_text_with_one_final():
+    tokenizer, processor, sink = setup()
+    ids = tokenizer(TEXT)["input_ids"]
+    processor.register(sink, [prompt()], [1])
+    feed_tokens(processor, 1, ids)
+    assert "".join(r.text for r, _, _ in sink.sent) == tokenizer.decode(ids)
+    assert [t for r, _, _ in sink.sent for t in r.output_ids] == ids
+    assert [final for _, _, final in sink.sent] == [False] * (len(sink.sent) - 1) + [True]
+    assert sink.sent[-1][0].finish_reason == "length" and sink.sent[-1][0].num_output_tokens == len(ids)
+    assert processor.requests == {}
+
+
+def test_non_streaming_sends_one_whole_response():
+    tokenizer, processor, sink = setup()
+    ids = tokenizer(TEXT)["input_ids"]
+    processor.register(sink, [prompt(stream=False)], [1])
+    feed_tokens(processor, 1, ids)
+    assert len(sink.sent) == 1
+    response, error, final = sink.sent[0]
+    assert final and error is None and response.text == TEXT and response.output_ids == ids
+
+
+def test_stop_sequence_ends_at_the_matching_token_and_asks_the_engine_to_stop():
+    tokenizer, processor, sink = setup()
+    ids = tokenizer(TEXT)["input_ids"]
+    processor.register(sink, [prompt(stream=False, stops=["text,"])], [1])
+    stopped = []
+    for token in ids:
+        stopped += deliver(processor, [StepOutput(1, [token])]).stop_seq_ids
+    assert stopped == [1]
+    response = sink.sent[0][0]
+    assert response.text == "Streams of tokens become text," and response.finish_reason == "stop"
+    assert tokenizer.decode(response.output_ids).endswith("text,")
+    assert not tokenizer.decode(response.output_ids[:-1]).endswith("text,")
+
+
+def test_batch_request_gets_exactly_one_final_after_its_last_prompt():
+    tokenizer, processor, sink = setup()
+    processor.register(sink, [prompt(0, max_tokens=2), prompt(1, max_tokens=2)], [1, 2])
+    deliver(processor, [StepOutput(1, [40]), StepOutput(2, [41])])
+    deliver(processor, [StepOutput(2, [42], "length")])
+    assert [f for _, _, f in sink.sent] == [False, False, False]
+    deliver(processor, [StepOutput(1, [43], "eos_token")])
+    assert [f for _, _, f in sink.sent][-1] is True
+    assert sum(f for _, _, f in sink.sent) == 1
+    assert {r.batch_index for r, _, _ in sink.sent} == {0, 1}
+
+
+def test_error_fails_the_request_once_and_stops_its_other_prompts():
+    tokenizer, processor, sink = setup()
+    processor.register(sink, [prompt(0), prompt(1)], [1, 2])
+    result = deliver(processor, [StepOutput(1, [], "error", "boom")])
+    assert sink.sent == [(None, "boom", True)] and result.stop_seq_ids == [2]
+    deliver(processor, [StepOutput(2, [40])])
+    assert len(sink.sent) == 1
+
+
+def test_many_streams_coalesce_tokens_into_fewer_responses():
+    tokenizer, processor, sink = setup(responses_per_second=2.0)  # 2 streams: one per second each
+    ids = tokenizer(TEXT)["input_ids"]
+    other = ListSink()
+    processor.register(sink, [prompt()], [1])
+    processor.register(other, [prompt()], [2])
+    for token in ids[:-1]:
+        deliver(processor, [StepOutput(1, [token]), StepOutput(2, [token])])
+    assert len(sink.sent) == 1                       # the first delta goes out at once
+    result, next_due = processor.flush_due()
+    assert result.sends == [] and 0 < next_due <= 1.0  # the rest waits for its turn
+    deliver(processor, [StepOutput(1, [ids[-1]], "length")])
+    assert len(sink.sent) == 2 and sink.sent[-1][2]   # finishing flushes everything
+    assert "".join(r.text for r, _, _ in sink.sent) == TEXT
+    time.sleep(next_due)
+    flushed, _ = processor.flush_due()
+    assert [s for s, *_ in flushed.sends] == [other]
