@@ -113,20 +113,14 @@ class OutputProcessor:
         """Seconds between two responses of one stream that keep all streams in the budget."""
         return len(self.requests) / self.responses_per_second
 
-    def flush_due(self) -> tuple[ProcessResult, float | None]:
-        """Sends the coalesced text whose time has come; returns it and the seconds until the
-        next stream falls due (None when nothing waits)."""
+    def flush_due(self) -> ProcessResult:
+        """Sends the coalesced text whose time has come."""
         result = ProcessResult([], [], [])
         now, interval = time.monotonic(), self.stream_interval()
-        next_due = None
         for seq_id, state in list(self.unsent.items()):
-            seq = state.sequences[seq_id]
-            if self._due(seq, now, interval):
-                self._respond(state, seq, result, now)
-            else:
-                wait = seq.last_sent + interval - now
-                next_due = wait if next_due is None else min(next_due, wait)
-        return result, next_due
+            if self._due(state.sequences[seq_id], now, interval):
+                self._respond(state, state.sequences[seq_id], result, now)
+        return result
 
     @staticmethod
     def _due(seq: SequenceText, now: float, interval: float) -> bool:

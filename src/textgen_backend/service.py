@@ -139,9 +139,9 @@ class GenerationService:
     # --- output thread -------------------------------------------------------------------------
 
     def _output_loop(self) -> None:
-        last_poll, wait = 0.0, _CANCEL_POLL_SECONDS
+        last_poll = 0.0
         while True:
-            messages = self._drain(self._results, block=True, timeout=wait)
+            messages = self._drain(self._results, block=True, timeout=_CANCEL_POLL_SECONDS)
             step_outputs = []
             stopping = False
             for message in messages:
@@ -156,15 +156,15 @@ class GenerationService:
                     stopping = True
             if step_outputs:
                 self._deliver(self.outputs.process(step_outputs))
-            flushed, next_due = self.outputs.flush_due()
-            self._deliver(flushed)
             if stopping:
                 return
             if time.monotonic() - last_poll >= _CANCEL_POLL_SECONDS:
+                # Coarse timer: text held for streams that got no token since (running streams
+                # are flushed by process() at their next step), and cancelled clients.
                 last_poll = time.monotonic()
+                self._deliver(self.outputs.flush_due())
                 for seq_ids in self.outputs.newly_cancelled():
                     self._abort(seq_ids, "cancelled")
-            wait = _CANCEL_POLL_SECONDS if next_due is None else max(0.0, min(next_due, _CANCEL_POLL_SECONDS))
 
     def _deliver(self, result: ProcessResult) -> None:
         for sink, response, error, final in result.sends:

@@ -117,11 +117,9 @@ def test_many_streams_coalesce_tokens_into_fewer_responses():
     for token in ids[:-1]:
         deliver(processor, [StepOutput(1, [token]), StepOutput(2, [token])])
     assert len(sink.sent) == 1                       # the first delta goes out at once
-    result, next_due = processor.flush_due()
-    assert result.sends == [] and 0 < next_due <= 1.0  # the rest waits for its turn
+    assert processor.flush_due().sends == []          # the rest waits for its turn
     deliver(processor, [StepOutput(1, [ids[-1]], "length")])
     assert len(sink.sent) == 2 and sink.sent[-1][2]   # finishing flushes everything
     assert "".join(r.text for r, _, _ in sink.sent) == TEXT
-    time.sleep(next_due)
-    flushed, _ = processor.flush_due()
-    assert [s for s, *_ in flushed.sends] == [other]
+    time.sleep(processor.stream_interval())
+    assert [s for s, *_ in processor.flush_due().sends] == [other]
