@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import sys
 import threading
 import time
 from typing import Callable
@@ -31,9 +30,6 @@ from textgen_backend.weights import resolve_model_dir
 logger = logging.getLogger("textgen")
 
 _CANCEL_POLL_SECONDS = 0.05
-# The engine thread needs the GIL back as soon as a step's sync returns; Python's default 5 ms
-# switch interval would let the output thread hold it for most of a decode step.
-_GIL_SWITCH_INTERVAL_SECONDS = 0.0005
 
 
 class GenerationService:
@@ -56,7 +52,6 @@ class GenerationService:
                                                daemon=True)
         self._output_thread = threading.Thread(target=self._output_loop, name="textgen-output",
                                                daemon=True)
-        sys.setswitchinterval(_GIL_SWITCH_INTERVAL_SECONDS)
         self._engine_thread.start()
         self._output_thread.start()
 
