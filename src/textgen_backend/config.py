@@ -34,6 +34,11 @@ class EngineConfig:
     dtype: str | None = flag("Weights and activations dtype. Default: float32 on the CPU, "
                              "the checkpoint's float16/bfloat16 on a GPU (else bfloat16).",
                              choices=DTYPES)
+    rope_scaling: str | None = flag("Stretch rotary positions beyond the model's window "
+                                    "(overrides config.json); with --rope-factor.",
+                                    choices=("linear", "dynamic"))
+    rope_factor: float | None = flag("Rope scaling factor; alone it means linear scaling. The "
+                                     "window grows by this factor.")
     max_concurrent_requests: int = flag("Most prompts in flight (queued or generating); more "
                                         "are rejected with an overload error.", default=128)
     max_stop_sequences: int = flag("Most stop sequences a request may give.", default=4)
@@ -81,6 +86,10 @@ class EngineConfig:
             raise ValueError(f"waiting_served_ratio must be >= 0, got {self.waiting_served_ratio}")
         if not 0 < self.cuda_memory_fraction <= 1:
             raise ValueError(f"cuda_memory_fraction must be in (0, 1], got {self.cuda_memory_fraction}")
+        if self.rope_scaling not in (None, "linear", "dynamic"):
+            raise ValueError(f"rope_scaling must be linear or dynamic, got {self.rope_scaling!r}")
+        if self.rope_factor is not None and self.rope_factor <= 0:
+            raise ValueError(f"rope_factor must be > 0, got {self.rope_factor}")
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format must be safetensors or dummy, got {self.load_format!r}")
         if self.dtype is not None and self.dtype not in DTYPES:

@@ -41,7 +41,8 @@ class Engine:
     def __init__(self, config: EngineConfig, model_dir: Path, device: torch.device | None = None):
         self.config = config
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model_config = ModelConfig.from_dir(model_dir)
+        self.model_config = ModelConfig.from_dir(model_dir).with_rope_override(
+            config.rope_scaling, config.rope_factor)
         self.dtype = choose_dtype(config, self.model_config, self.device)
         started = time.monotonic()
         model = self._load_model(model_dir)

@@ -1,6 +1,7 @@
 """The parts of a Hugging Face config.json (and generation_config.json) the engine needs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,17 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     torch_dtype: str | None
 
+    def with_rope_override(self, scaling: str | None, factor: float | None) -> ModelConfig:
+        """TGI's --rope-scaling / --rope-factor: replace config.json's scaling, widen the window."""
+        if scaling is None and factor is None:
+            return self
+        factor = 1.0 if factor is None else factor
+        rope = {"rope_type": scaling or "linear", "factor": factor}
+        if rope["rope_type"] == "dynamic":
+            rope["original_max_position_embeddings"] = self.max_position_embeddings
+        return dataclasses.replace(self, rope_scaling=rope, max_position_embeddings=int(
+            self.max_position_embeddings * factor))
+
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         model_dir = Path(model_dir)
@@ -46,6 +58,8 @@ class ModelConfig:
         rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
         rope_theta = raw.get("rope_theta", rope.pop("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "dynamic":
+            rope["original_max_position_embeddings"] = raw.get("max_position_embeddings")  # as HF
         eos = (generation or {}).get("eos_token_id", raw.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         sliding_window = raw.get("sliding_window")
