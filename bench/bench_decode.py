@@ -6,14 +6,13 @@ CUDA graphs) vs HF transformers generate (sdpa) vs the roofline, one H100, one r
 from __future__ import annotations
 
 import argparse
-import gc
 import random
 
 import torch
 import triton.testing
 
-from common import (LLAMA3_8B, Timer, kv_bytes_per_token, llama3_8b_dir, measure_ceilings,
-                    param_bytes, print_table)
+from common import (LLAMA3_8B, Timer, hf_llama3_8b, kv_bytes_per_token, llama3_8b_dir,
+                    measure_ceilings, param_bytes, print_table, release_gpu_memory)
 
 
 def engine_decode_ms(batches, context, steps, max_batch):
@@ -56,18 +55,12 @@ def engine_decode_ms(batches, context, steps, max_batch):
     peak = torch.cuda.max_memory_allocated() / 2**30
     kv_tokens = engine.limits.max_batch_total_tokens
     del engine
-    gc.collect()
-    torch.cuda.empty_cache()
+    release_gpu_memory()
     return results, peak, kv_tokens
 
 
 def hf_decode_ms(batches, context, steps):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**{k: v for k, v in LLAMA3_8B.items() if k not in ("architectures",)})
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    model.generation_config.pad_token_id = 0
+    model = hf_llama3_8b()
     results = {}
     for batch in batches:
         ids = torch.randint(0, 128000, (batch, context), device="cuda")
@@ -82,8 +75,7 @@ def hf_decode_ms(batches, context, steps):
             generate(1 + steps)
         results[batch] = 1e3 * (long.seconds - short.seconds) / steps
     del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    release_gpu_memory()
     return results
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
-import gc
 import math
 import multiprocessing
 import tempfile
@@ -18,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (LLAMA3_8B, Timer, llama3_8b_dir, measure_ceilings, print_table,
-                    write_synthetic_tokenizer)
+from common import (LLAMA3_8B, Timer, hf_llama3_8b, llama3_8b_dir, measure_ceilings, print_table,
+                    release_gpu_memory, write_synthetic_tokenizer)
 
 MAX_LEN = 1024
 
@@ -89,8 +88,7 @@ def in_process(model_dir: Path, requests, profile_steps: int = 40) -> dict:
               "kv_tokens": engine.limits.max_batch_total_tokens,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     del engine
-    gc.collect()
-    torch.cuda.empty_cache()
+    release_gpu_memory()
     return result
 
 
@@ -154,12 +152,7 @@ def through_tritonserver(model_dir: Path, requests, clients: int, streams: int) 
 
 
 def hf_subset(requests, batch: int, cap: int) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**{k: v for k, v in LLAMA3_8B.items() if k != "architectures"})
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    model.generation_config.pad_token_id = 0
+    model = hf_llama3_8b()
     subset = requests[:batch]
     longest = max(n for n, _ in subset)
     ids = torch.randint(1, 128000, (batch, longest), device="cuda")
@@ -172,8 +165,7 @@ def hf_subset(requests, batch: int, cap: int) -> dict:
                        do_sample=False)
     useful = sum(min(o, new) for _, o in subset)
     del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    release_gpu_memory()
     return {"seconds": t.seconds, "tokens": useful, "batch": batch, "steps": new}
 
 

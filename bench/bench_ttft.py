@@ -6,13 +6,13 @@ step (Triton kernels) vs HF transformers generate(max_new_tokens=1) vs the roofl
 from __future__ import annotations
 
 import argparse
-import gc
 import random
 import statistics
 
 import torch
 
-from common import LLAMA3_8B, Timer, llama3_8b_dir, measure_ceilings, param_bytes, print_table
+from common import (LLAMA3_8B, Timer, hf_llama3_8b, llama3_8b_dir, measure_ceilings, param_bytes,
+                    print_table, release_gpu_memory)
 
 
 def engine_ttft_ms(lengths, repeats):
@@ -40,18 +40,12 @@ def engine_ttft_ms(lengths, repeats):
             times.append(t.seconds)
         results[n] = 1e3 * statistics.median(times[2:])
     del engine
-    gc.collect()
-    torch.cuda.empty_cache()
+    release_gpu_memory()
     return results
 
 
 def hf_ttft_ms(lengths, repeats):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**{k: v for k, v in LLAMA3_8B.items() if k != "architectures"})
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    model.generation_config.pad_token_id = 0
+    model = hf_llama3_8b()
     results = {}
     for n in lengths:
         ids = torch.randint(0, 128000, (1, n), device="cuda")
@@ -62,8 +56,7 @@ def hf_ttft_ms(lengths, repeats):
             times.append(t.seconds)
         results[n] = 1e3 * statistics.median(times[1:])
     del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    release_gpu_memory()
     return results
 
 

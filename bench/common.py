@@ -31,6 +31,25 @@ def llama3_8b_dir(**overrides) -> Path:
     return model_dir
 
 
+def hf_llama3_8b():
+    """HF transformers' LlamaForCausalLM of the same shape, random bf16 weights on the GPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in LLAMA3_8B.items() if k != "architectures"})
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def release_gpu_memory() -> None:
+    """Returns what dropped references held, so the next contender starts from the same GPU."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def write_synthetic_tokenizer(model_dir: Path, vocab_size: int) -> None:
     """A word-level tokenizer with one word per id ("t0 t1 ..."): serving needs a tokenizer,
     and random weights need none better."""
