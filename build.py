@@ -11,13 +11,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # usable before `pip install`
 
-from textgen_backend.config import EngineConfig, add_flags, from_flags  # noqa: E402
+from textgen_backend.config import (EngineConfig, FlagHelpFormatter, add_flags,  # noqa: E402
+                                    from_flags)
 from textgen_backend.repository import render_repository  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=FlagHelpFormatter,
+                                     usage="%(prog)s --output DIR [OPTIONS]")
     parser.add_argument("--output", required=True, help="Directory to render into.")
     add_flags(parser, EngineConfig)
     args = parser.parse_args(argv)

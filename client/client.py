@@ -29,6 +29,14 @@ class GenerationChunk:
     num_input_tokens: int
     num_output_tokens: int
     batch_index: int
+    sequence_index: int = 0
+    stop_reason: str = ""
+    stop_sequence: str = ""
+    seed_used: int = 0
+    cum_log_prob: float | None = None
+    output_log_probs: list[float] = field(default_factory=list)
+    token_details: list[dict] = field(default_factory=list)
+    input_token_details: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -38,6 +46,13 @@ class GenerationResult:
     finish_reason: str = ""
     num_input_tokens: int = 0
     num_output_tokens: int = 0
+    stop_reason: str = ""
+    stop_sequence: str = ""
+    seed_used: int = 0
+    cum_log_prob: float | None = None
+    output_log_probs: list[float] = field(default_factory=list)
+    token_details: list[dict] = field(default_factory=list)
+    input_token_details: list[dict] = field(default_factory=list)
 
 
 class TextgenClient:
@@ -56,13 +71,16 @@ class TextgenClient:
         Leaving the loop early cancels the request on the server.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return self.stream_inputs(build_inputs(prompts, stream=stream, **params))
+
+    def stream_inputs(self, inputs: list[grpcclient.InferInput]) -> Iterator[GenerationChunk]:
+        """stream() for hand-built inputs (any tensor, any dtype: what the server checks)."""
         responses: queue.Queue = queue.Queue()
         self._client.start_stream(callback=lambda result, error: responses.put((result, error)))
         finished = False
         try:
-            self._client.async_stream_infer(
-                self.model, build_inputs(prompts, stream=stream, **params),
-                request_id=uuid.uuid4().hex, enable_empty_final_response=True)
+            self._client.async_stream_infer(self.model, inputs, request_id=uuid.uuid4().hex,
+                                            enable_empty_final_response=True)
             while True:
                 result, error = responses.get()
                 if error is not None:
@@ -83,19 +101,34 @@ class TextgenClient:
 
     def generate_batch(self, prompts: list[str], stream: bool = False,
                        **params) -> list[GenerationResult]:
-        """One request with several prompts (shared parameters); results in prompt order."""
-        results = [GenerationResult() for _ in prompts]
+        """One request with several prompts (shared parameters); results in prompt order
+        (the best sequence of each when num_return_sequences > 1)."""
+        return [sequences[0] for sequences in self.generate_sequences(prompts, stream, **params)]
+
+    def generate_sequences(self, prompts: list[str], stream: bool = False,
+                           **params) -> list[list[GenerationResult]]:
+        """For each prompt, its num_return_sequences results, best first."""
+        results: dict[tuple[int, int], GenerationResult] = {}
         for chunk in self.stream(prompts, stream=stream, **params):
-            merge(results[chunk.batch_index], chunk)
-        return results
+            merge(results.setdefault((chunk.batch_index, chunk.sequence_index),
+                                     GenerationResult()), chunk)
+        return [[results[key] for key in sorted(k for k in results if k[0] == row)]
+                for row in range(len(prompts))]
 
 
 def merge(result: GenerationResult, chunk: GenerationChunk) -> None:
     result.text += chunk.text
     result.output_ids += chunk.output_ids
     result.finish_reason = chunk.finish_reason or result.finish_reason
+    result.stop_reason = chunk.stop_reason or result.stop_reason
+    result.stop_sequence = chunk.stop_sequence or result.stop_sequence
     result.num_input_tokens = chunk.num_input_tokens
     result.num_output_tokens = chunk.num_output_tokens
+    result.seed_used = chunk.seed_used
+    result.cum_log_prob = chunk.cum_log_prob
+    result.output_log_probs += chunk.output_log_probs
+    result.token_details += chunk.token_details
+    result.input_token_details += chunk.input_token_details
 
 
 def build_inputs(prompts: list[str], **params) -> list[grpcclient.InferInput]:
@@ -108,7 +141,7 @@ def build_inputs(prompts: list[str], **params) -> list[grpcclient.InferInput]:
         if name not in _SPECS:
             raise TypeError(f"unknown parameter {name!r}; known: {sorted(_SPECS)}")
         spec = _SPECS[name]
-        if name == "stop_words":
+        if name in ("stop_words", "bad_words"):
             row = [s.encode() for s in value]
             arrays[name] = np.array([row] * batch, dtype=np.object_).reshape(batch, len(row))
         elif name == "sampling_parameters":
@@ -128,11 +161,23 @@ def _chunk(result) -> GenerationChunk:
     def scalar(name):
         return result.as_numpy(name).reshape(-1)[0]
 
+    def vector(name):
+        return result.as_numpy(name).reshape(-1).tolist()
+
+    cum = vector("cum_log_probs")
     return GenerationChunk(
         text=scalar("text_output").decode(),
-        output_ids=result.as_numpy("output_ids").reshape(-1).tolist(),
+        output_ids=vector("output_ids"),
         finish_reason=scalar("finish_reason").decode(),
         num_input_tokens=int(scalar("num_input_tokens")),
         num_output_tokens=int(scalar("num_output_tokens")),
         batch_index=int(scalar("batch_index")),
+        sequence_index=int(scalar("sequence_index")),
+        stop_reason=scalar("stop_reason").decode(),
+        stop_sequence=scalar("stop_sequence").decode(),
+        seed_used=int(scalar("seed_used")),
+        cum_log_prob=cum[0] if cum else None,
+        output_log_probs=vector("output_log_probs"),
+        token_details=[json.loads(d) for d in vector("token_details")],
+        input_token_details=[json.loads(d) for d in vector("input_token_details")],
     )

@@ -5,8 +5,11 @@ import logging
 import sys
 from pathlib import Path
 
+from .convert_weights import convert_to_safetensors
 from .demo_model import ensure_demo_model
+from .download import download_weights
 from .gguf_convert import convert_gguf
+from .weights import resolve_model_dir
 
 
 def _add_convert_gguf(subcommands) -> None:
@@ -24,7 +27,41 @@ def _add_demo_model(subcommands) -> None:
     parser.set_defaults(run=lambda args: print(ensure_demo_model(args.cache_root)))
 
 
-_SUBCOMMANDS = (_add_convert_gguf, _add_demo_model)
+def _add_download_weights(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "download-weights", help="download a hub model into the Hugging Face cache (safetensors, "
+                                 "else PyTorch .bin converted); print its directory")
+    parser.add_argument("model_id", help="hub model id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit")
+    parser.add_argument("--extension", default=".safetensors",
+                        help="comma-separated extensions of the files to download besides the "
+                             "config and tokenizer (default: .safetensors)")
+    parser.add_argument("--huggingface-hub-cache", default=None,
+                        help="hub cache to download into (default: HF_HUB_CACHE)")
+    parser.set_defaults(run=lambda args: print(download_weights(
+        args.model_id, args.revision, tuple(e.strip() for e in args.extension.split(",") if e),
+        args.huggingface_hub_cache)))
+
+
+def _add_convert_to_safetensors(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "convert-to-safetensors", help="convert a model's PyTorch .bin weights to safetensors, "
+                                       "beside them")
+    parser.add_argument("model_id", help="model directory, or a hub id in the local cache")
+    parser.add_argument("--revision", default=None, help="revision of a hub id")
+    parser.add_argument("--huggingface-hub-cache", default=None,
+                        help="hub cache to resolve the id in (default: HF_HUB_CACHE)")
+
+    def run(args):
+        model_dir = resolve_model_dir(args.model_id, args.revision, args.huggingface_hub_cache)
+        for path in convert_to_safetensors(model_dir):
+            print(path)
+
+    parser.set_defaults(run=run)
+
+
+_SUBCOMMANDS = (_add_convert_gguf, _add_demo_model, _add_download_weights,
+                _add_convert_to_safetensors)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,14 +10,19 @@ import argparse
 import dataclasses
 import json
 import os
+import textwrap
 from dataclasses import dataclass, field
 
 DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZE = ("gptq", "awq")
+LOAD_FORMATS = ("safetensors", "pt", "dummy")
 
 
-def flag(help: str, default=None, choices=None, short=None):
-    """Field metadata that `add_flags` turns into an argparse option with a TGI-style env var."""
-    return field(default=default, metadata={"help": help, "choices": choices, "short": short})
+def flag(help: str, default=None, choices=None, aliases=(), env_aliases=()):
+    """Field metadata that `add_flags` turns into an argparse option with a TGI-style env var.
+    aliases: more option strings (TGI's `-p`, legacy names); env_aliases: more env vars."""
+    return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases,
+                                            "env_aliases": env_aliases})
 
 
 @dataclass(frozen=True)
@@ -25,15 +30,33 @@ class EngineConfig:
     model_id: str = flag("Model directory (config.json, safetensors, tokenizer) or a hub id "
                          "resolved offline from the local Hugging Face cache.", default="")
     revision: str | None = flag("Revision of a hub model id (branch, tag or commit).")
+    validation_workers: int = flag("Instances of the tokenizer model (tokenization runs in its "
+                                   "own processes; TGI's validation workers).", default=1)
+    sharded: bool | None = flag("Shard the model across GPUs. Only \"false\" for now: tensor "
+                                "parallelism is not implemented yet.", choices=("true", "false"))
+    num_shard: int | None = flag("GPUs to shard the model over. Only 1 for now: tensor "
+                                 "parallelism is not implemented yet.")
     huggingface_hub_cache: str | None = flag("Hugging Face hub cache to resolve --model-id in "
                                              "(default: HF_HUB_CACHE or ~/.cache/huggingface/hub).")
-    load_format: str = flag("How to get the weights: \"safetensors\" from the model directory, "
-                            "or \"dummy\" (random weights of the model's shape, for "
-                            "benchmarks; as vLLM's --load-format dummy).", default="safetensors",
-                            choices=("safetensors", "dummy"))
+    weights_cache_override: str | None = flag("Directory holding the weight files "
+                                              "(*.safetensors) to load instead of the model "
+                                              "directory's; config and tokenizer still come "
+                                              "from --model-id.")
+    load_format: str = flag("How to get the weights: \"safetensors\" from the model directory; "
+                            "\"pt\" also allows pickled PyTorch *.bin weights (prefer `textgen "
+                            "convert-to-safetensors`); \"dummy\": random weights of the model's "
+                            "shape, for benchmarks (vLLM's names).", default="safetensors",
+                            choices=LOAD_FORMATS)
+    quantize: str | None = flag("Serve a 4-bit (or 8-bit GPTQ) checkpoint: \"gptq\" or \"awq\" "
+                                "(its quantization_config must agree; a GPTQ / AWQ checkpoint is "
+                                "recognized without the flag too). With --load-format dummy: "
+                                "random 4-bit weights, groups of 128.", choices=QUANTIZE)
     dtype: str | None = flag("Weights and activations dtype. Default: float32 on the CPU, "
                              "the checkpoint's float16/bfloat16 on a GPU (else bfloat16).",
                              choices=DTYPES)
+    trust_remote_code: bool = flag("Allow the tokenizer's own Python code from the model "
+                                   "repository (our model implementations never run hub "
+                                   "code).", default=False)
     rope_scaling: str | None = flag("Stretch rotary positions beyond the model's window "
                                     "(overrides config.json); with --rope-factor.",
                                     choices=("linear", "dynamic"))
@@ -42,10 +65,18 @@ class EngineConfig:
     max_concurrent_requests: int = flag("Most prompts in flight (queued or generating); more "
                                         "are rejected with an overload error.", default=128)
     max_stop_sequences: int = flag("Most stop sequences a request may give.", default=4)
+    max_best_of: int = flag("Most candidates a request may ask for with best_of.", default=2)
+    max_top_n_tokens: int = flag("Most alternatives a request may ask for with top_n_tokens.",
+                                 default=5)
+    watermark_gamma: float = flag("Share of the vocabulary in a watermark's green list.",
+                                  default=0.5)
+    watermark_delta: float = flag("Logit bias given to a watermark's green list.", default=2.0)
     max_client_batch_size: int = flag("Most prompts in one request (rows of text_input); the "
                                       "models' max_batch_size.", default=4)
     max_input_tokens: int | None = flag("Longest prompt in tokens. Default: "
-                                        "min(max_position_embeddings - 1, 4095).")
+                                        "min(max_position_embeddings - 1, 4095).",
+                                        aliases=("--max-input-length",),
+                                        env_aliases=("MAX_INPUT_LENGTH",))
     max_total_tokens: int | None = flag("Most prompt + generated tokens per request. Default: "
                                         "min(max_position_embeddings, 4096).")
     waiting_served_ratio: float = flag("Admit waiting requests into a running batch once at "
@@ -69,6 +100,10 @@ class EngineConfig:
                             default="1,2,4,8,16,32,64,128,256")
     disable_custom_kernels: bool = flag("Use the pure-torch reference ops instead of our Triton "
                                         "kernels on the GPU (no CUDA graphs then).", default=False)
+    tokenizer_config_path: str | None = flag("A tokenizer_config.json whose chat_template "
+                                             "replaces the model's.")
+    json_output: bool = flag("Log as JSON lines (the launcher and the Python models; "
+                             "tritonserver's own lines keep Triton's format).", default=False)
 
     def __post_init__(self):
         positive = ["max_concurrent_requests", "max_client_batch_size",
@@ -79,7 +114,11 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        for name in ("max_stop_sequences", "max_waiting_tokens"):
+        if self.max_best_of < 1:
+            raise ValueError(f"max_best_of must be >= 1, got {self.max_best_of}")
+        if not 0 < self.watermark_gamma < 1:
+            raise ValueError(f"watermark_gamma must be in (0, 1), got {self.watermark_gamma}")
+        for name in ("max_stop_sequences", "max_waiting_tokens", "max_top_n_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.waiting_served_ratio < 0:
@@ -90,8 +129,15 @@ class EngineConfig:
             raise ValueError(f"rope_scaling must be linear or dynamic, got {self.rope_scaling!r}")
         if self.rope_factor is not None and self.rope_factor <= 0:
             raise ValueError(f"rope_factor must be > 0, got {self.rope_factor}")
-        if self.load_format not in ("safetensors", "dummy"):
-            raise ValueError(f"load_format must be safetensors or dummy, got {self.load_format!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got "
+                             f"{self.load_format!r}")
+        if self.num_shard not in (None, 1) or self.sharded:
+            raise ValueError("--num-shard must be 1 and --sharded false: tensor parallelism is "
+                             "not implemented yet (one GPU per server)")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)} (other methods are "
+                             f"not supported), got {self.quantize!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self.cuda_graph_batch_sizes  # validates the list
@@ -167,34 +213,87 @@ def _flag_type(annotation: str):
 
 
 def add_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """Adds one `--field-name` option per field of `cls`, defaulting to env FIELD_NAME."""
+    """Adds one `--field-name` option (and its aliases) per field of `cls`, defaulting to env
+    FIELD_NAME or an env alias. A `bool` field is a switch; a `bool | None` one takes
+    true/false (TGI's `--sharded <true|false>`)."""
     for f in dataclasses.fields(cls):
+        meta = f.metadata
         option = "--" + f.name.replace("_", "-")
-        env_name = f.name.upper()
+        env_names = (f.name.upper(),) + tuple(meta.get("env_aliases", ()))
         kind = _flag_type(f.type)
+        choices = meta.get("choices")
         default = f.default
-        if env_name in os.environ:
-            default = _parse_env(env_name, os.environ[env_name], kind)
-        help_text = f.metadata.get("help", "") + f" [env: {env_name}]"
-        if f.default not in (None, "", False):
-            help_text += f" [default: {f.default}]"
-        names = [option] + ([f.metadata["short"]] if f.metadata.get("short") else [])
-        if kind is bool:
-            parser.add_argument(*names, dest=f.name, action="store_true", default=default,
-                                help=help_text)
+        for env_name in env_names:
+            if env_name in os.environ:
+                default = _parse_env(env_name, os.environ[env_name], kind, option, choices)
+                break
+        aliases = meta.get("aliases", ())
+        names = [a for a in aliases if not a.startswith("--")] + [option] + [
+            a for a in aliases if a.startswith("--")]
+        if f.type == "bool":
+            action = parser.add_argument(*names, dest=f.name, action="store_true",
+                                         default=default, help=meta.get("help", ""))
         else:
-            parser.add_argument(*names, dest=f.name, type=kind, default=default,
-                                choices=f.metadata.get("choices"), help=help_text,
-                                metavar=env_name)
+            action = parser.add_argument(
+                *names, dest=f.name, type=_parse_bool if kind is bool else kind, default=default,
+                choices=None if kind is bool else choices, help=meta.get("help", ""),
+                metavar=f"<{f.name.upper()}>")
+        # Read by FlagHelpFormatter.
+        action.env_names, action.field_default, action.possible_values = (
+            env_names, f.default, choices)
 
 
-def _parse_env(name: str, value: str, kind):
-    if kind is bool:
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from 'true', "
+                                         f"'false')")
+    return text.lower() == "true"
+
+
+def _parse_env(name: str, value: str, kind, option: str, choices):
+    if kind is bool and choices is None:   # a switch
         return value.lower() in ("1", "true", "yes", "on")
     try:
-        return kind(value)
-    except ValueError:
-        raise SystemExit(f"environment variable {name}={value!r} is not a valid {kind.__name__}")
+        parsed = _parse_bool(value) if kind is bool else kind(value)
+    except (ValueError, argparse.ArgumentTypeError):
+        expected = "true or false" if kind is bool else f"a valid {kind.__name__}"
+        raise SystemExit(f"{option}: environment variable {name}={value!r} is not "
+                         f"{expected}") from None
+    if choices is not None and kind is not bool and parsed not in choices:
+        raise SystemExit(f"{option}: environment variable {name}={value!r} is not one of "
+                         f"{', '.join(choices)}")
+    return parsed
+
+
+class FlagHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help laid out like TGI's launcher (clap's long help): each option on its own line, its
+    help below it, then its env vars, default and possible values."""
+
+    def __init__(self, prog):
+        super().__init__(prog, width=100)
+
+    def add_usage(self, usage, actions, groups, prefix=None):
+        super().add_usage(usage, actions, groups, "Usage: " if prefix is None else prefix)
+
+    def start_section(self, heading):
+        super().start_section("Options" if heading == "options" else heading)
+
+    def _format_action(self, action):
+        names = ", ".join(action.option_strings)
+        indent = "  " if not action.option_strings[0].startswith("--") else "      "
+        value = f" {action.metavar}" if action.nargs != 0 and action.metavar else ""
+        lines = [indent + names + value]
+        lines += textwrap.wrap(action.help or "", self._width - 10, initial_indent=" " * 10,
+                               subsequent_indent=" " * 10)
+        notes = [f"[env: {name}=]" for name in getattr(action, "env_names", ())]
+        default = getattr(action, "field_default", None)
+        if default not in (None, "", False):
+            notes.append(f"[default: {default}]")
+        if getattr(action, "possible_values", None):
+            notes.append(f"[possible values: {', '.join(action.possible_values)}]")
+        if notes:
+            lines += [""] + [" " * 10 + note for note in notes]
+        return "\n".join(lines) + "\n\n"
 
 
 def from_flags(cls, namespace: argparse.Namespace):

@@ -14,11 +14,12 @@ import torch
 from textgen_backend.block_manager import BlockManager
 from textgen_backend.config import EngineConfig, EngineLimits, resolve_token_limits
 from textgen_backend.layers.ops import select_ops
-from textgen_backend.metrics import EngineStats
+from textgen_backend.metrics import EngineStats, StepStats
 from textgen_backend.model_config import ModelConfig
 from textgen_backend.model_runner import ModelRunner
 from textgen_backend.models import build_model
 from textgen_backend.params import SamplingParams, StoppingParams
+from textgen_backend.quantization import resolve_quant_config
 from textgen_backend.scheduler import Scheduler, SchedulerOutput, StepOutput
 from textgen_backend.sequence import Sequence
 from textgen_backend.weights import iterate_weights
@@ -48,7 +49,8 @@ class Engine:
         model = self._load_model(model_dir)
         eos = self.model_config.eos_token_ids
         self.runner = ModelRunner(model, self.model_config, self.device, self.dtype,
-                                  config.block_size, eos)
+                                  config.block_size, eos, config.watermark_gamma,
+                                  config.watermark_delta)
         self.limits = self._resolve_limits()
         self.runner.allocate_kv_cache(self.limits.num_kv_blocks)
         if model.layers[0].self_attn.attn.ops.name == "triton":
@@ -60,6 +62,7 @@ class Engine:
         self.block_manager = BlockManager(self.limits.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.limits, self.block_manager, eos)
         self._aborted: list[StepOutput] = []
+        self.last_step: StepStats | None = None   # the latest step(), if it ran the model
         logger.info("[textgen] loaded %s (%s, %s, %s kernels) in %.1fs; KV cache: %d tokens",
                     self.model_config.architecture, self.device, self.dtype,
                     model.layers[0].self_attn.attn.ops.name, time.monotonic() - started,
@@ -67,15 +70,21 @@ class Engine:
 
     def _load_model(self, model_dir: Path):
         ops = select_ops(self.device, self.config.disable_custom_kernels)
+        quant = resolve_quant_config(model_dir, self.config.quantize, self.config.load_format)
+        if quant is not None:
+            logger.info("[textgen] %s: %d bits, group_size %d, desc_act %s, format %s",
+                        quant.method, quant.bits, quant.group_size, quant.desc_act,
+                        quant.checkpoint_format)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = build_model(self.model_config, ops)
+                model = build_model(self.model_config, ops, quant)
         finally:
             torch.set_default_dtype(previous)
-        if self.config.load_format == "safetensors":
-            model.load_weights(iterate_weights(model_dir))
+        if self.config.load_format != "dummy":
+            weights_dir = Path(self.config.weights_cache_override or model_dir)
+            model.load_weights(iterate_weights(weights_dir, self.config.load_format))
         return model.eval()
 
     def _resolve_limits(self) -> EngineLimits:
@@ -151,12 +160,17 @@ class Engine:
             self._aborted.append(output)
 
     def stats(self) -> EngineStats:
-        bm = self.block_manager
-        return EngineStats(num_running=len(self.scheduler.running),
+        bm, running = self.block_manager, self.scheduler.running
+        return EngineStats(num_running=len(running),
                            num_waiting=len(self.scheduler.waiting),
+                           batch_tokens=sum(s.num_tokens for s in running),
+                           batch_max_remaining_tokens=max(
+                               (s.stopping.max_tokens - len(s.output_ids) for s in running),
+                               default=0),
                            kv_blocks_used=bm.num_blocks - bm.num_free_blocks,
                            kv_blocks_total=bm.num_blocks,
-                           num_preemptions=self.scheduler.num_preemptions)
+                           num_preemptions=self.scheduler.num_preemptions,
+                           num_prefill_limit_hits=self.scheduler.num_prefill_limit_hits)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborted)
@@ -173,9 +187,22 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """Schedules and runs one prefill or decode step; returns every sequence's news."""
         outputs, self._aborted = self._aborted, []
+        started = time.perf_counter()
+        was_running = bool(self.scheduler.running)
+        self.last_step = None
         scheduled = self.scheduler.schedule()
         if scheduled is not None:
-            token_ids = self.runner.execute(scheduled)
-            outputs += self.scheduler.update(scheduled, token_ids)
+            # Set before the forward, so that a step that raises is reported with its method.
+            self.last_step = step = StepStats(
+                scheduled.is_prefill, len(scheduled.seqs),
+                sum(s.num_tokens for s in scheduled.seqs) if scheduled.is_prefill
+                else len(scheduled.seqs), scheduled.is_prefill and was_running)
+            forward_started = time.perf_counter()
+            result = self.runner.execute(scheduled)
+            forward_done = time.perf_counter()
+            outputs += self.scheduler.update(scheduled, result.sampled, result.prompt_logprobs)
+            step.forward_seconds = forward_done - forward_started
+            step.tokproc_seconds = time.perf_counter() - forward_done
+            step.total_seconds = time.perf_counter() - started
         return outputs
 

@@ -1,6 +1,7 @@
 """textgen-launcher: render a model repository for a model and run tritonserver on it.
 
-Flags follow TGI's text-generation-launcher; each has an environment variable of the same name.
+Flags follow TGI's text-generation-launcher (TGIS's TLS_* variables, LoRAX's --download-only);
+each has an environment variable of the same name, and --help is laid out like TGI's.
 """
 from __future__ import annotations
 
@@ -12,11 +13,16 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
-from textgen_backend.config import EngineConfig, add_flags, flag, from_flags
+from textgen_backend.config import EngineConfig, FlagHelpFormatter, add_flags, flag, from_flags
+from textgen_backend.download import download_weights
+from textgen_backend.logs import configure_logging
 from textgen_backend.repository import render_repository
-from textgen_backend.tritonserver import find_tritonserver, server_command, server_environment
+from textgen_backend.runtime_env import runtime_environment
+from textgen_backend.tritonserver import (find_tritonserver, server_command, server_environment,
+                                          tls_options, tracing_options)
 
 logger = logging.getLogger("textgen")
 
@@ -24,24 +30,49 @@ logger = logging.getLogger("textgen")
 @dataclass(frozen=True)
 class ServerConfig:
     hostname: str = flag("Address to listen on.", default="0.0.0.0")
-    http_port: int = flag("HTTP port (KServe v2 and the generate endpoints).", default=8000)
+    http_port: int = flag("HTTP port (KServe v2 and the generate endpoints).", default=8000,
+                          aliases=("-p", "--port"), env_aliases=("PORT",))
     grpc_port: int = flag("gRPC port.", default=8001)
     metrics_port: int = flag("Prometheus metrics port.", default=8002)
+    tls_cert_path: str | None = flag("PEM certificate: gRPC is served over TLS (TGIS). HTTP and "
+                                     "metrics stay plain: tritonserver has no TLS for them.")
+    tls_key_path: str | None = flag("PEM private key of the TLS certificate.")
+    tls_client_ca_cert_path: str | None = flag("PEM CA certificate: gRPC clients must present a "
+                                               "certificate it signed (mutual TLS).")
+    otlp_endpoint: str | None = flag("Export a trace of every request to this OpenTelemetry "
+                                     "collector URL (OTLP over HTTP, e.g. "
+                                     "http://collector:4318/v1/traces; Triton's tracing).")
     model_repository: str | None = flag("Where to render the model repository "
                                         "(default: a temporary directory).")
+    download_only: bool = flag("Download --model-id into the Hugging Face cache (as `textgen "
+                               "download-weights`) and exit.", default=False)
+
+    def __post_init__(self):
+        tls_options(self.tls_cert_path, self.tls_key_path, self.tls_client_ca_cert_path)
+
+    def tritonserver_options(self) -> list[str]:
+        return (tls_options(self.tls_cert_path, self.tls_key_path, self.tls_client_ca_cert_path)
+                + tracing_options(self.otlp_endpoint))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="textgen-launcher",
-        description="Serve a Llama-family model with Triton Inference Server.")
+        prog="textgen-launcher", usage="%(prog)s [OPTIONS]", formatter_class=FlagHelpFormatter,
+        add_help=False,
+        description="Text generation launcher: serves a Llama-family model with Triton Inference "
+                    "Server.\nEvery option also reads the environment variables shown.")
     add_flags(parser, EngineConfig)
     add_flags(parser, ServerConfig)
+    parser.add_argument("-e", "--env", action="store_true",
+                        help="Print the runtime environment (versions, devices, tritonserver) "
+                             "first; alone, print it and exit.")
+    parser.add_argument("-h", "--help", action="help", help="Print help")
+    parser.add_argument("-V", "--version", action="version",
+                        version=f"%(prog)s {metadata.version('textgen')}", help="Print version")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -49,14 +80,25 @@ def main(argv: list[str] | None = None) -> int:
         server = from_flags(ServerConfig, args)
     except ValueError as exc:
         parser.error(str(exc))
+    configure_logging(engine.json_output)
+    if args.env:
+        print(runtime_environment(), flush=True)
+        if not engine.model_id:
+            return 0
     if not engine.model_id:
         parser.error("--model-id is required (or set MODEL_ID)")
+    if server.download_only:
+        path = download_weights(engine.model_id, engine.revision,
+                                cache_dir=engine.huggingface_hub_cache)
+        logger.info("[textgen] downloaded %s to %s", engine.model_id, path)
+        return 0
     if Path(engine.model_id).is_dir():  # the server's working directory may differ
         engine = dataclasses.replace(engine, model_id=str(Path(engine.model_id).resolve()))
     repository = Path(server.model_repository or tempfile.mkdtemp(prefix="textgen-repository-"))
     render_repository(engine, repository)
     command = server_command(find_tritonserver(), repository, server.hostname,
                              server.http_port, server.grpc_port, server.metrics_port)
+    command += server.tritonserver_options()
     logger.info("[textgen] serving %s from %s", engine.model_id, repository)
     # tritonserver gets its own session so that a terminal's Ctrl-C reaches it once, from here.
     process = subprocess.Popen(command, env=server_environment(), start_new_session=True)

@@ -12,8 +12,8 @@ from torch import nn
 
 from textgen_backend.layers.attention import AttentionMetadata
 from textgen_backend.model_config import ModelConfig
-from textgen_backend.sampling import build_sampling_batch, sample
-from textgen_backend.scheduler import SchedulerOutput
+from textgen_backend.sampling import SampleOutput, build_sampling_batch, sample
+from textgen_backend.scheduler import SchedulerOutput, TokenLogprob
 from textgen_backend.sequence import Sequence
 
 logger = logging.getLogger("textgen")
@@ -26,6 +26,8 @@ class StepInputs:
         parts = [input_ids, positions, slots, context_lens, cu_seqlens, block_tables.reshape(-1)]
         packed = np.concatenate([np.asarray(p, dtype=np.int32) for p in parts])
         self.num_tokens, self.batch = len(input_ids), len(context_lens)
+        self.cu_seqlens = np.asarray(cu_seqlens)
+        self.max_seqlen_q = int(np.max(np.diff(self.cu_seqlens)))
         self.table_width = block_tables.shape[1]
         self.host = torch.from_numpy(packed)
 
@@ -55,15 +57,23 @@ class DecodeArrays:
     block_ids: list[list[int]]
 
 
+@dataclass
+class StepResult:
+    sampled: SampleOutput
+    prompt_logprobs: dict[int, list[TokenLogprob | None]] | None  # by sequence id
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, model_config: ModelConfig, device: torch.device,
-                 dtype: torch.dtype, block_size: int, eos_token_ids: tuple[int, ...]):
+                 dtype: torch.dtype, block_size: int, eos_token_ids: tuple[int, ...],
+                 watermark_gamma: float = 0.5, watermark_delta: float = 2.0):
         self.model = model
         self.model_config = model_config
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
         self.eos_token_ids = eos_token_ids
+        self.watermark_gamma, self.watermark_delta = watermark_gamma, watermark_delta
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: DecodeGraphs | None = None
         self._staging = torch.empty(0, dtype=torch.int32)
@@ -100,26 +110,51 @@ class ModelRunner:
                                        self.model_config.vocab_size, self.device)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[int]:
+    def execute(self, out: SchedulerOutput) -> StepResult:
         sampling = build_sampling_batch(out.seqs, self.eos_token_ids,
-                                        self.model_config.vocab_size, self.device)
+                                        self.model_config.vocab_size, self.device,
+                                        self.watermark_gamma, self.watermark_delta)
+        prompt_logprobs = None
         if not out.is_prefill and self.graphs is not None and self.graphs.fits(len(out.seqs)):
             logits = self.graphs.run(self._decode_arrays(out.seqs), self._pinned)
         else:
             inputs = (self._prefill_inputs(out.seqs) if out.is_prefill
                       else self._decode_inputs(out.seqs))
-            logits = self._forward(*self._upload(inputs), is_decode=not out.is_prefill,
-                                   max_seqlen_q=max(s.num_tokens for s in out.seqs)
-                                   if out.is_prefill else 1)
-        return sample(logits, sampling).tolist()
+            ids, positions, slots, context_lens, cu_seqlens, tables = self._upload(inputs)
+            meta = AttentionMetadata(is_decode=not out.is_prefill, slot_mapping=slots,
+                                     context_lens=context_lens, block_tables=tables,
+                                     cu_seqlens_q=cu_seqlens,
+                                     max_seqlen_q=inputs.max_seqlen_q)
+            hidden = self.model(ids, positions, meta)
+            logits = self.model.compute_logits(hidden[cu_seqlens[1:] - 1])
+            if out.is_prefill:
+                prompt_logprobs = self._prompt_logprobs(out.seqs, hidden, ids, inputs)
+        return StepResult(sample(logits, sampling), prompt_logprobs)
 
-    def _forward(self, ids, positions, slots, context_lens, cu_seqlens, tables, is_decode,
-                 max_seqlen_q):
-        meta = AttentionMetadata(is_decode=is_decode, slot_mapping=slots,
-                                 context_lens=context_lens, block_tables=tables,
-                                 cu_seqlens_q=cu_seqlens, max_seqlen_q=max_seqlen_q)
-        hidden = self.model(ids, positions, meta)
-        return self.model.compute_logits(hidden[cu_seqlens[1:] - 1])
+    def _prompt_logprobs(self, seqs, hidden, ids, inputs: StepInputs):
+        """{seq_id: details of each prompt token} for sequences that asked (first prefill only):
+        token j's logprob comes from position j - 1; the first token has none."""
+        wanted = [(i, s) for i, s in enumerate(seqs)
+                  if s.details.input_details and not s.input_details_done]
+        if not wanted:
+            return None
+        result = {}
+        for i, s in wanted:
+            start, end = inputs.cu_seqlens[i], inputs.cu_seqlens[i + 1]
+            log_probs = torch.log_softmax(self.model.compute_logits(hidden[start:end - 1]), -1)
+            targets = ids[start + 1:end].long()
+            chosen = log_probs.gather(1, targets[:, None])[:, 0]
+            ranks = (log_probs > chosen[:, None]).sum(dim=-1) + 1
+            n = s.details.top_n_tokens
+            top = log_probs.topk(n, dim=-1) if n else None
+            details = [None]
+            for j, (logprob, rank) in enumerate(zip(chosen.tolist(), ranks.tolist())):
+                alternatives = (list(zip(top.indices[j].tolist(), top.values[j].tolist()))
+                                if top is not None else [])
+                details.append(TokenLogprob(logprob, rank, alternatives))
+            result[s.seq_id] = details
+            s.input_details_done = True
+        return result
 
     def _prefill_inputs(self, seqs: list[Sequence]) -> StepInputs:
         lengths = [s.num_tokens for s in seqs]

@@ -12,23 +12,33 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """do_sample False means greedy; the other fields then only matter for the penalties."""
+    """How the next token is chosen. do_sample False means greedy; the logits processors
+    (penalties, bad words, length penalty, watermark) apply either way."""
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0               # 0: disabled
     top_p: float = 1.0
+    typical_p: float = 1.0       # 1: disabled
+    min_p: float = 0.0           # 0: disabled
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int = 0
+    # TGIS length penalty: past `start` generated tokens, EOS scores grow by decay**(n - start).
+    length_penalty: tuple[int, float] | None = None
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    watermark: bool = False
 
     def __post_init__(self):
         if self.temperature < 0:
             raise RequestError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise RequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("top_p", "typical_p"):
+            if not 0 < getattr(self, name) <= 1:
+                raise RequestError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if not 0 <= self.min_p <= 1:
+            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -36,6 +46,12 @@ class SamplingParams:
                 raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not 0 <= self.seed < 2**64:
             raise RequestError(f"seed must be in [0, 2^64), got {self.seed}")
+        if self.length_penalty is not None:
+            start, decay = self.length_penalty
+            if start < 0:
+                raise RequestError(f"length_penalty_start_index must be >= 0, got {start}")
+            if not 1 <= decay <= 10:
+                raise RequestError(f"length_penalty_decay_factor must be in [1, 10], got {decay}")
 
     @property
     def has_penalties(self) -> bool:
@@ -48,7 +64,9 @@ class StoppingParams:
     max_tokens: int = DEFAULT_MAX_TOKENS
     min_tokens: int = 0
     stop_sequences: tuple[str, ...] = ()
+    include_stop_sequence: bool = True
     ignore_eos: bool = False
+    time_limit_ms: int | None = None
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -56,11 +74,28 @@ class StoppingParams:
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise RequestError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
                                f"got {self.min_tokens}")
+        if self.time_limit_ms is not None and self.time_limit_ms < 1:
+            raise RequestError(f"time_limit_ms must be >= 1, got {self.time_limit_ms}")
+
+
+@dataclass(frozen=True)
+class DetailsParams:
+    """Which per-token details to return (TGI's `details`, TGIS's token info)."""
+    log_probs: bool = False       # logprob and rank of each generated token, cumulative logprob
+    top_n_tokens: int = 0         # the n most likely tokens at each step, with logprobs
+    input_details: bool = False   # the same for the prompt tokens (decoder_input_details)
+
+    @property
+    def per_token(self) -> bool:
+        return self.log_probs or self.top_n_tokens > 0
 
 
 @dataclass(frozen=True)
 class RequestParams:
     sampling: SamplingParams
     stopping: StoppingParams
+    details: DetailsParams = DetailsParams()
     stream: bool = False
     exclude_input_in_output: bool = True
+    best_of: int = 1               # candidates generated per prompt
+    num_return_sequences: int = 1  # the best ones returned (by cumulative log probability)

@@ -47,7 +47,7 @@ def _identity(specs) -> dict[str, str]:
     return {s.name: s.name for s in specs}
 
 
-def template_values(config: EngineConfig, tokenizer_instances: int = 1) -> dict[str, dict[str, str]]:
+def template_values(config: EngineConfig) -> dict[str, dict[str, str]]:
     """Placeholder values for each model's config.pbtxt."""
     common = {"max_batch_size": str(config.max_client_batch_size)}
     engine_json = config.to_json().replace("\\", "\\\\").replace('"', '\\"')
@@ -56,7 +56,7 @@ def template_values(config: EngineConfig, tokenizer_instances: int = 1) -> dict[
             **common,
             "inputs": _tensors(contract.ENSEMBLE_INPUTS),
             "outputs": _tensors(contract.ENSEMBLE_OUTPUTS),
-            "tokenizer_maps": _maps(_identity(contract.TOKENIZER_INPUTS),
+            "tokenizer_maps": _maps(_identity(contract.TOKENIZER_ENSEMBLE_INPUTS),
                                     _identity(contract.TOKENIZER_OUTPUTS)),
             "generator_maps": _maps(
                 _identity(contract.TOKENIZER_OUTPUTS + contract.GENERATION_PARAMETERS),
@@ -65,8 +65,9 @@ def template_values(config: EngineConfig, tokenizer_instances: int = 1) -> dict[
                                       _identity(contract.DETOKENIZER_OUTPUTS)),
         },
         "tokenizer": {**common, "inputs": _tensors(contract.TOKENIZER_INPUTS),
-                      "outputs": _tensors(contract.TOKENIZER_OUTPUTS),
-                      "tokenizer_instances": str(tokenizer_instances),
+                      "outputs": _tensors(contract.TOKENIZER_OUTPUTS
+                                          + contract.TOKENIZE_API_OUTPUTS),
+                      "tokenizer_instances": str(config.validation_workers),
                       "engine_config": engine_json},
         "generator": {**common, "inputs": _tensors(contract.GENERATOR_INPUTS),
                       "outputs": _tensors(contract.GENERATOR_OUTPUTS),
@@ -76,12 +77,12 @@ def template_values(config: EngineConfig, tokenizer_instances: int = 1) -> dict[
     }
 
 
-def render_repository(config: EngineConfig, output: Path, template_dir: Path = TEMPLATE_DIR,
-                      tokenizer_instances: int = 1) -> Path:
+def render_repository(config: EngineConfig, output: Path,
+                      template_dir: Path = TEMPLATE_DIR) -> Path:
     """Writes output/<model>/{config.pbtxt, 1/model.py}; replaces what a previous render left."""
     if not config.model_id:
         raise ValueError("model_id is required")
-    values = template_values(config, tokenizer_instances)
+    values = template_values(config)
     output = Path(output)
     for model in MODELS:
         source = template_dir / model / "config.pbtxt"

@@ -1,7 +1,9 @@
-"""Batched token selection: one pass over the batch's logits, per-sequence parameters as tensors.
+"""Token selection for a step: logits processors and sampling over the whole batch at once,
+per-sequence parameters as tensors, plus the logprob details requests ask for.
 
 Randomness comes from a counter-based hash of (seed, step, token id), so a seeded sequence draws
 the same numbers whatever else shares its batch, on any device, and after a preemption.
+Reported logprobs are those of the model's own distribution (log_softmax of the raw logits).
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from textgen_backend import logits_processors as lp
 from textgen_backend.sequence import Sequence
 
 _M32 = 0xFFFFFFFF
@@ -20,12 +23,15 @@ class RandomSampling:
     do_sample: torch.Tensor            # bool; greedy rows keep their argmax
     temperature: torch.Tensor          # float32, 1 where greedy
     top_k: torch.Tensor                # int64, vocab size where disabled
-    top_p: torch.Tensor                # float32
+    top_p: torch.Tensor                # float32, 1 where disabled
+    min_p: torch.Tensor                # float32, 0 where disabled
+    typical_p: torch.Tensor            # float32, 1 where disabled
     seed_lo: torch.Tensor              # int64, low and high 32 bits of the seed
     seed_hi: torch.Tensor
     step: torch.Tensor                 # int64, index of the token being sampled
-    any_top_k: bool
-    any_top_p: bool
+    any_top_k_p: bool
+    any_min_p: bool
+    any_typical: bool
 
 
 @dataclass
@@ -40,27 +46,72 @@ class PenaltyBatch:
 @dataclass
 class SamplingBatch:
     """What a step's token selection needs; parts no row uses are None (an all-greedy batch
-    with no penalties is a bare argmax, with nothing copied to the device)."""
-    random: RandomSampling | None
-    suppress_eos: torch.Tensor | None  # [B] bool: min_tokens not reached yet
-    eos_token_ids: torch.Tensor | None # [num_eos] int64
+    with no processors is a bare argmax, with nothing copied to the device)."""
+    banned: tuple[torch.Tensor, torch.Tensor] | None     # (rows, tokens) set to -inf
     penalties: PenaltyBatch | None
+    length_penalty: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # over, decay, eos
+    watermark: tuple[list[int], list[int], float, float] | None  # rows, previous tokens, gamma, delta
+    random: RandomSampling | None
+    top_n: int                          # most alternatives any row asked for
+    logprobs: bool                      # some row wants logprobs / ranks / top-n
+
+
+@dataclass
+class SampleOutput:
+    """Chosen tokens and, when asked, their details (host lists, one entry per row)."""
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    ranks: list[int] | None = None
+    top_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
 
 
 def build_sampling_batch(seqs: list[Sequence], eos_token_ids: tuple[int, ...], vocab_size: int,
-                         device: torch.device) -> SamplingBatch:
+                         device: torch.device, watermark_gamma: float = 0.5,
+                         watermark_delta: float = 2.0) -> SamplingBatch:
     def tensor(values, dtype):
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
-    suppress = [len(s.output_ids) < s.stopping.min_tokens and not s.stopping.ignore_eos
-                for s in seqs]
-    suppressing = any(suppress) and bool(eos_token_ids)
+    watermarked = [row for row, s in enumerate(seqs) if s.sampling.watermark]
     return SamplingBatch(
-        random=_build_random(seqs, vocab_size, tensor),
-        suppress_eos=tensor(suppress, torch.bool) if suppressing else None,
-        eos_token_ids=tensor(list(eos_token_ids), torch.int64) if suppressing else None,
+        banned=_banned_tokens(seqs, eos_token_ids, tensor),
         penalties=_build_penalties(seqs, vocab_size, device),
+        length_penalty=_length_penalty(seqs, eos_token_ids, tensor),
+        watermark=((watermarked, [seqs[r].last_token for r in watermarked],
+                    watermark_gamma, watermark_delta) if watermarked else None),
+        random=_build_random(seqs, vocab_size, tensor),
+        top_n=max(s.details.top_n_tokens for s in seqs),
+        logprobs=any(s.track_logprobs for s in seqs),
     )
+
+
+def _banned_tokens(seqs, eos_token_ids, tensor):
+    """(rows, tokens) never to choose: EOS before min_tokens, bad words whose prefix is there."""
+    rows, tokens = [], []
+    for row, s in enumerate(seqs):
+        if eos_token_ids and len(s.output_ids) < s.stopping.min_tokens and not s.stopping.ignore_eos:
+            rows += [row] * len(eos_token_ids)
+            tokens += eos_token_ids
+        for word in s.sampling.bad_words_ids:
+            prefix = list(word[:-1])
+            if not prefix or s.all_ids[-len(prefix):] == prefix:
+                rows.append(row)
+                tokens.append(word[-1])
+    return (tensor(rows, torch.int64), tensor(tokens, torch.int64)) if rows else None
+
+
+def _length_penalty(seqs, eos_token_ids, tensor):
+    if not eos_token_ids or not any(s.sampling.length_penalty for s in seqs):
+        return None
+    over, decay = [], []
+    for s in seqs:
+        start, factor = s.sampling.length_penalty or (0, 1.0)
+        suppressed = len(s.output_ids) < s.stopping.min_tokens and not s.stopping.ignore_eos
+        # HF counts the token being chosen: cur_len - (prompt + start) = generated - start.
+        over.append(0 if suppressed else len(s.output_ids) - start)
+        decay.append(factor)
+    return (tensor(over, torch.int64), tensor(decay, torch.float32),
+            tensor(list(eos_token_ids), torch.int64))
 
 
 def _build_random(seqs: list[Sequence], vocab_size: int, tensor) -> RandomSampling | None:
@@ -69,16 +120,21 @@ def _build_random(seqs: list[Sequence], vocab_size: int, tensor) -> RandomSampli
         return None
     top_k = [p.top_k if p.do_sample and p.top_k > 0 else vocab_size for p in params]
     top_p = [p.top_p if p.do_sample else 1.0 for p in params]
+    min_p = [p.min_p if p.do_sample else 0.0 for p in params]
+    typical_p = [p.typical_p if p.do_sample else 1.0 for p in params]
     return RandomSampling(
         do_sample=tensor([p.do_sample for p in params], torch.bool),
         temperature=tensor([p.temperature if p.do_sample else 1.0 for p in params], torch.float32),
         top_k=tensor(top_k, torch.int64),
         top_p=tensor(top_p, torch.float32),
+        min_p=tensor(min_p, torch.float32),
+        typical_p=tensor(typical_p, torch.float32),
         seed_lo=tensor([p.seed & _M32 for p in params], torch.int64),
         seed_hi=tensor([p.seed >> 32 for p in params], torch.int64),
         step=tensor([len(s.output_ids) for s in seqs], torch.int64),
-        any_top_k=any(k < vocab_size for k in top_k),
-        any_top_p=any(p < 1.0 for p in top_p),
+        any_top_k_p=any(k < vocab_size for k in top_k) or any(p < 1.0 for p in top_p),
+        any_min_p=any(m > 0 for m in min_p),
+        any_typical=any(t < 1.0 for t in typical_p),
     )
 
 
@@ -111,49 +167,50 @@ def _build_penalties(seqs: list[Sequence], vocab_size: int,
     )
 
 
-def apply_penalties(logits: torch.Tensor, p: PenaltyBatch) -> torch.Tensor:
-    """Repetition penalty over prompt and output tokens (HF semantics); presence and frequency
-    penalties over output tokens only (OpenAI / vLLM semantics)."""
-    seen = p.prompt_mask | (p.output_counts > 0)
-    rep = p.repetition[:, None]
-    penalized = torch.where(logits > 0, logits / rep, logits * rep)
-    logits = torch.where(seen, penalized, logits)
-    logits = logits - p.frequency[:, None] * p.output_counts
-    return logits - p.presence[:, None] * (p.output_counts > 0).float()
-
-
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """logits [B, V] float32 -> token ids [B] int64."""
-    if batch.suppress_eos is not None:
-        eos_mask = torch.zeros_like(logits, dtype=torch.bool)
-        eos_mask[:, batch.eos_token_ids] = True
-        logits = logits.masked_fill(eos_mask & batch.suppress_eos[:, None], float("-inf"))
+def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The logits processors, in transformers' order: penalties, bad words and min_tokens,
+    length penalty, watermark (temperature and the truncations follow in sample())."""
     if batch.penalties is not None:
-        logits = apply_penalties(logits, batch.penalties)
-    greedy = logits.argmax(dim=-1)
+        p = batch.penalties
+        logits = lp.apply_penalties(logits, p.repetition, p.presence, p.frequency,
+                                    p.prompt_mask, p.output_counts)
+    if batch.banned is not None:
+        logits = lp.ban_tokens(logits, *batch.banned)
+    if batch.length_penalty is not None:
+        logits = lp.exponential_decay_length_penalty(logits, *batch.length_penalty)
+    if batch.watermark is not None:
+        logits = lp.watermark(logits, *batch.watermark)
+    return logits
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
+    """logits [B, V] float32 (the model's) -> chosen tokens and the details asked for."""
+    raw = logits
+    logits = process_logits(logits, batch)
+    tokens = logits.argmax(dim=-1)
     r = batch.random
-    if r is None:
-        return greedy
-    scaled = logits / r.temperature[:, None]
-    if r.any_top_k or r.any_top_p:
-        scaled = _mask_top_k_top_p(scaled, r)
-    probs = torch.softmax(scaled, dim=-1)
-    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (Gumbel-max in disguise).
-    exponential = -torch.log(_uniform(r, logits.shape[1], logits.device))
-    sampled = (probs / exponential).argmax(dim=-1)
-    return torch.where(r.do_sample, sampled, greedy)
-
-
-def _mask_top_k_top_p(logits: torch.Tensor, batch: RandomSampling) -> torch.Tensor:
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    vocab = logits.shape[1]
-    rank = torch.arange(vocab, device=logits.device)[None, :]
-    remove = rank >= batch.top_k[:, None]
-    probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
-    # Drop a token once the tokens ranked before it already reach top_p (the top one stays).
-    remove |= (probs.cumsum(dim=-1) - probs) >= batch.top_p[:, None]
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    if r is not None:
+        scaled = logits / r.temperature[:, None]
+        if r.any_top_k_p:
+            scaled = lp.top_k_top_p(scaled, r.top_k, r.top_p)
+        if r.any_min_p:
+            scaled = lp.min_p(scaled, r.min_p)
+        if r.any_typical:
+            scaled = lp.typical(scaled, r.typical_p)
+        probs = torch.softmax(scaled, dim=-1)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (Gumbel-max in disguise).
+        exponential = -torch.log(_uniform(r, logits.shape[1], logits.device))
+        tokens = torch.where(r.do_sample, (probs / exponential).argmax(dim=-1), tokens)
+    if not batch.logprobs:
+        return SampleOutput(tokens.tolist())
+    log_probs = torch.log_softmax(raw, dim=-1)
+    chosen = log_probs.gather(1, tokens[:, None])[:, 0]
+    ranks = (log_probs > chosen[:, None]).sum(dim=-1) + 1
+    out = SampleOutput(tokens.tolist(), chosen.tolist(), ranks.tolist())
+    if batch.top_n:
+        top = log_probs.topk(batch.top_n, dim=-1)
+        out.top_ids, out.top_logprobs = top.indices.tolist(), top.values.tolist()
+    return out
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,13 @@ recently admitted sequence is preempted (its blocks freed, recomputed later) ins
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 
 from textgen_backend.block_manager import BlockManager
 from textgen_backend.config import EngineLimits
+from textgen_backend.sampling import SampleOutput
 from textgen_backend.sequence import Sequence, SequenceStatus
 
 
@@ -26,12 +28,22 @@ class SchedulerOutput:
 
 
 @dataclass
+class TokenLogprob:
+    """A token's logprob under the model, its rank (1 = most likely) and the top alternatives."""
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]       # (token id, logprob), most likely first
+
+
+@dataclass
 class StepOutput:
     """What one step produced for one sequence."""
     seq_id: int
     new_token_ids: list[int]
     finish_reason: str | None = None   # "length", "eos_token", or an abort reason
     error: str | None = None           # the step failed for this sequence
+    logprobs: list[TokenLogprob] | None = None         # one per new token, when tracked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first prefill, when asked
 
 
 class Scheduler:
@@ -44,6 +56,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.steps_since_prefill = 0
         self.num_preemptions = 0
+        self.num_prefill_limit_hits = 0   # prefills that max_batch_prefill_tokens cut short
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -73,10 +86,12 @@ class Scheduler:
             return SchedulerOutput(list(self.running), is_prefill=False)
         return None
 
-    def update(self, out: SchedulerOutput, token_ids: list[int]) -> list[StepOutput]:
+    def update(self, out: SchedulerOutput, sampled: SampleOutput,
+               prompt_logprobs: dict[int, list[TokenLogprob | None]] | None = None
+               ) -> list[StepOutput]:
         """Appends each sequence's sampled token and finishes those that are done."""
         outputs = []
-        for seq, token in zip(out.seqs, token_ids):
+        for row, (seq, token) in enumerate(zip(out.seqs, sampled.token_ids)):
             seq.output_ids.append(token)
             reason = None
             if token in self.eos_token_ids and not seq.stopping.ignore_eos:
@@ -86,7 +101,12 @@ class Scheduler:
             if reason:
                 self.running.remove(seq)
                 self._finish(seq, reason)
-            outputs.append(StepOutput(seq.seq_id, [token], reason))
+            output = StepOutput(seq.seq_id, [token], reason)
+            if seq.track_logprobs:
+                output.logprobs = [_token_logprob(sampled, row, seq.details.top_n_tokens)]
+            if prompt_logprobs and seq.seq_id in prompt_logprobs:
+                output.prompt_logprobs = prompt_logprobs[seq.seq_id]
+            outputs.append(output)
         return outputs
 
     # --- internals -------------------------------------------------------------------------
@@ -107,7 +127,10 @@ class Scheduler:
         room = (self.limits.max_batch_size or math.inf) - len(self.running)
         chosen: list[Sequence] = []
         for seq in self.waiting:
-            if len(chosen) >= room or (chosen and seq.num_tokens > token_budget):
+            if len(chosen) >= room:
+                break
+            if chosen and seq.num_tokens > token_budget:
+                self.num_prefill_limit_hits += 1
                 break
             # Room for the prompt and the first decoded token, so it is not preempted at once.
             if self.block_manager.blocks_for(seq.num_tokens + 1) > free_blocks:
@@ -117,10 +140,13 @@ class Scheduler:
             free_blocks -= self.block_manager.blocks_for(seq.num_tokens)
         if len(chosen) < min_new:
             return []
+        now = time.monotonic()
         for seq in chosen:
             self.waiting.popleft()
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
+            if seq.scheduled_at is None:  # a preempted sequence keeps its first admission
+                seq.scheduled_at = now
             self.running.append(seq)
         return chosen
 
@@ -155,3 +181,10 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+
+def _token_logprob(sampled: SampleOutput, row: int, top_n: int) -> TokenLogprob:
+    top = []
+    if top_n:
+        top = list(zip(sampled.top_ids[row][:top_n], sampled.top_logprobs[row][:top_n]))
+    return TokenLogprob(sampled.logprobs[row], sampled.ranks[row], top)

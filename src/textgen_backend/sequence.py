@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from textgen_backend.params import SamplingParams, StoppingParams
+from textgen_backend.params import DetailsParams, SamplingParams, StoppingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -24,6 +24,10 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    details: DetailsParams = DetailsParams()
+    track_logprobs: bool = False      # chosen tokens' logprobs are needed (details, best_of)
+    input_details_done: bool = False  # prompt details are computed at the first prefill only
+    scheduled_at: float | None = None  # time.monotonic() of its first prefill (metrics)
 
     @property
     def num_tokens(self) -> int:

@@ -8,21 +8,23 @@ waits for the other inside a step.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
-from typing import Callable
 
 import numpy as np
 import torch
 
 from textgen_backend.config import EngineConfig
 from textgen_backend.engine import Engine
-from textgen_backend.metrics import EngineStats
-from textgen_backend.output_processor import OutputProcessor, ProcessResult, ResponseSink
+from textgen_backend.metrics import EngineMetrics, MetricsPublisher
+from textgen_backend.output_processor import (Candidate, OutputProcessor, ProcessResult,
+                                              ResponseSink)
 from textgen_backend.params import RequestError
-from textgen_backend.request import parse_prompts
+from textgen_backend.request import Prompt, parse_prompts
+from textgen_backend.request_metrics import RequestMetrics
 from textgen_backend.sequence import Sequence
 from textgen_backend.tokenizer import load_tokenizer
 from textgen_backend.weights import resolve_model_dir
@@ -33,15 +35,18 @@ _CANCEL_POLL_SECONDS = 0.05
 
 
 class GenerationService:
-    def __init__(self, config: EngineConfig, device: torch.device | None = None,
-                 on_stats: Callable[[EngineStats], None] | None = None):
-        """on_stats, if given, receives the engine's statistics after every step (engine thread)."""
+    def __init__(self, config: EngineConfig, metrics_sink, device: torch.device | None = None):
+        """metrics_sink receives every metric update (metrics.TritonMetrics in the server), on a
+        thread of its own."""
         self.config = config
-        self._on_stats = on_stats
+        self._publisher = MetricsPublisher(metrics_sink)
+        self._request_metrics = RequestMetrics(self._publisher)
+        self._engine_metrics = EngineMetrics()
         model_dir = resolve_model_dir(config.model_id, config.revision,
                                       config.huggingface_hub_cache)
         self.engine = Engine(config, model_dir, device)
-        self.outputs = OutputProcessor(load_tokenizer(model_dir),
+        self.outputs = OutputProcessor(load_tokenizer(model_dir, config.tokenizer_config_path,
+                                                      config.trust_remote_code),
                                        config.stream_responses_per_second)
         self._commands: queue.Queue = queue.Queue()
         self._results: queue.Queue = queue.Queue()
@@ -60,21 +65,46 @@ class GenerationService:
         return self.engine.limits
 
     def submit(self, inputs: dict[str, np.ndarray], sink: ResponseSink) -> None:
-        """Validates a request and queues its prompts; raises RequestError if it is refused."""
-        prompts = parse_prompts(inputs, self.engine.limits, self.config.max_stop_sequences)
+        """Validates a request and queues its prompts (best_of sequences each); raises
+        RequestError if it is refused."""
+        arrival = time.monotonic()
+        try:
+            prompts = parse_prompts(inputs, self.engine.limits, self.config, self._encode_words)
+        except RequestError:
+            self._request_metrics.refused(inputs, "validation")
+            raise
+        candidates = [self._candidate(p, i, arrival)
+                      for p in prompts for i in range(p.params.best_of)]
         with self._lock:
             limit = self.config.max_concurrent_requests
-            if self._num_active + len(prompts) > limit:
-                raise RequestError(f"model is overloaded: {self._num_active} prompts in flight, "
-                                   f"max_concurrent_requests is {limit}; retry later")
-            self._num_active += len(prompts)
-            seq_ids = list(range(self._next_seq_id, self._next_seq_id + len(prompts)))
-            self._next_seq_id += len(prompts)
+            if self._num_active + len(candidates) > limit:
+                self._request_metrics.refused(inputs, "conc_limit")
+                raise RequestError(f"model is overloaded: {self._num_active} sequences in "
+                                   f"flight, max_concurrent_requests is {limit}; retry later")
+            self._num_active += len(candidates)
+            seq_ids = list(range(self._next_seq_id, self._next_seq_id + len(candidates)))
+            self._next_seq_id += len(candidates)
         # Registered with the output thread before the engine can produce anything for them.
-        self._results.put(("register", sink, prompts, seq_ids))
-        seqs = [Sequence(i, p.input_ids, p.params.sampling, p.params.stopping)
-                for i, p in zip(seq_ids, prompts)]
+        self._results.put(("register", sink, candidates, seq_ids))
+        seqs = []
+        for seq_id, c in zip(seq_ids, candidates):
+            params = c.prompt.params
+            seqs.append(Sequence(seq_id, c.prompt.input_ids,
+                                 dataclasses.replace(params.sampling, seed=c.seed),
+                                 params.stopping, details=params.details,
+                                 track_logprobs=params.details.per_token or params.best_of > 1))
+        self._request_metrics.accepted(sink, prompts, seqs, arrival)
         self._commands.put(("add", seqs))
+
+    @staticmethod
+    def _candidate(prompt: Prompt, index: int, arrival: float) -> Candidate:
+        """The index-th of a prompt's best_of sequences: each samples with its own seed."""
+        limit = prompt.params.stopping.time_limit_ms
+        return Candidate(prompt, index, (prompt.params.sampling.seed + index) % 2**64,
+                         None if limit is None else arrival + limit / 1000)
+
+    def _encode_words(self, word: str) -> list[int]:
+        return self.outputs.tokenizer(word, add_special_tokens=False)["input_ids"]
 
     def cancel(self, seq_id: int) -> None:
         """Cancels the request that owns seq_id (the detokenizer relays client cancellation)."""
@@ -89,6 +119,7 @@ class GenerationService:
         self._commands.put(("shutdown",))
         self._engine_thread.join()
         self._output_thread.join()
+        self._publisher.close()
 
     # --- engine thread -------------------------------------------------------------------------
 
@@ -117,18 +148,18 @@ class GenerationService:
                 return False
         if not engine.has_work():
             return True
+        failure = None
         try:
             outputs = engine.step()
         except Exception as exc:  # a failed step fails its sequences, not the server
             logger.exception("[textgen] engine step failed")
+            failure = "oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error"
             outputs = engine.fail_all(f"generation failed: {exc}")
         if outputs:
             self._results.put(("step", outputs))
-        if self._on_stats is not None:
-            try:
-                self._on_stats(engine.stats())
-            except Exception:
-                logger.exception("[textgen] reporting engine statistics failed")
+        # A generator: the updates are computed on the publisher's thread, from this snapshot.
+        self._publisher.publish(self._engine_metrics.updates(engine.last_step, engine.stats(),
+                                                             failure))
         return True
 
     # --- output thread -------------------------------------------------------------------------
@@ -150,6 +181,7 @@ class GenerationService:
                 else:
                     stopping = True
             if step_outputs:
+                self._request_metrics.tokens_arrived(step_outputs)
                 self._deliver(self.outputs.process(step_outputs))
             if stopping:
                 return
@@ -167,6 +199,7 @@ class GenerationService:
                 sink.send(response, error, final)
             except Exception:  # a client that went away must not stop the others
                 logger.exception("[textgen] sending a response failed")
+        self._request_metrics.delivered(result.sends)
         if result.stop_seq_ids:
             self._abort(result.stop_seq_ids, "stop")
         finished = sum(len(state.sequences) for state in result.finished_requests)

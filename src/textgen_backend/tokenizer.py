@@ -4,13 +4,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from textgen_backend.params import RequestError
 
 
-def load_tokenizer(model_dir: Path, tokenizer_config_path: str | None = None):
+def load_tokenizer(model_dir: Path, tokenizer_config_path: str | None = None,
+                   trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     if tokenizer_config_path:
         template = json.loads(Path(tokenizer_config_path).read_text()).get("chat_template")
         if template:
@@ -18,10 +21,20 @@ def load_tokenizer(model_dir: Path, tokenizer_config_path: str | None = None):
     return tokenizer
 
 
-def encode_prompt(tokenizer, text: str, apply_chat_template: bool) -> tuple[list[int], str]:
-    """(token ids, the text they encode). A chat prompt is a JSON list of {role, content}."""
-    if not apply_chat_template:
-        return tokenizer(text)["input_ids"], text
+def encode_prompt(tokenizer, text: str, apply_chat_template: bool,
+                  with_offsets: bool = False) -> tuple[list[int], str, list | None]:
+    """(token ids, the text they encode, [start, end) character offsets when asked).
+    A chat prompt is a JSON list of {role, content} messages, rendered with the chat template."""
+    add_special_tokens = True
+    if apply_chat_template:
+        text = _render_chat(tokenizer, text)
+        add_special_tokens = False  # the template already holds BOS and the like
+    encoded = tokenizer(text, add_special_tokens=add_special_tokens,
+                        return_offsets_mapping=with_offsets)
+    return encoded["input_ids"], text, encoded.get("offset_mapping")
+
+
+def _render_chat(tokenizer, text: str) -> str:
     try:
         messages = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -34,36 +47,65 @@ def encode_prompt(tokenizer, text: str, apply_chat_template: bool) -> tuple[list
                            'of {"role": str, "content": str} messages')
     if not tokenizer.chat_template:
         raise RequestError("apply_chat_template was requested but the model has no chat template")
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # The template already holds the special tokens (BOS and the like).
-    return tokenizer(rendered, add_special_tokens=False)["input_ids"], rendered
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def tokenize_batch(tokenizer, raw_texts, chat_flags) -> dict:
-    """The tokenizer model's work for one request: rows of UTF-8 text -> padded ids.
+def tokenize_request(tokenizer, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The tokenizer model's work for one request (also TGIS's Tokenize API).
 
-    Returns the generator's inputs: _input_ids [B, max_len] (padded with 0), _input_lengths
-    [B, 1], _prompt_text [B, 1].
+    inputs: text_input [B, 1] and optional apply_chat_template, truncate_input_tokens
+    (keep the last N tokens; 0 keeps all), return_tokens, return_offsets ([B, 1] or [1, 1]).
+    Returns the generator's inputs (_input_ids [B, L] padded with 0, _input_lengths,
+    _prompt_text: the text of the kept tokens) and the API's outputs (token_count, input_ids,
+    tokens padded with "", offsets [B, L, 2] padded with -1; tokens and offsets are empty
+    unless asked for).
     """
-    import numpy as np
+    texts = inputs["text_input"].reshape(-1)
+    batch = len(texts)
 
-    ids, texts = [], []
-    for row, raw in enumerate(raw_texts):
+    def option(name, default):
+        if name not in inputs:
+            return [default] * batch
+        values = inputs[name].reshape(-1)
+        if len(values) not in (1, batch):
+            raise RequestError(f"{name} has {len(values)} rows but text_input has {batch}")
+        return [values[0 if len(values) == 1 else row].item() for row in range(batch)]
+
+    chat, truncate = option("apply_chat_template", False), option("truncate_input_tokens", 0)
+    want_tokens, want_offsets = any(option("return_tokens", False)), any(
+        option("return_offsets", False))
+    rows = []
+    for row, raw in enumerate(texts):
         try:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
         except UnicodeDecodeError as exc:
             raise RequestError(f"text_input row {row} is not valid UTF-8: {exc}") from None
         if not text:
             raise RequestError(f"text_input row {row} is empty")
-        row_ids, prompt_text = encode_prompt(tokenizer, text, bool(chat_flags[row]))
-        ids.append(row_ids)
-        texts.append(prompt_text.encode())
-    width = max(1, max(len(x) for x in ids))
-    padded = np.zeros((len(ids), width), dtype=np.int32)
-    for row, row_ids in enumerate(ids):
-        padded[row, :len(row_ids)] = row_ids
+        if truncate[row] < 0:
+            raise RequestError(f"truncate_input_tokens must be >= 0, got {truncate[row]}")
+        ids, text, offsets = encode_prompt(tokenizer, text, bool(chat[row]), want_offsets)
+        if 0 < truncate[row] < len(ids):  # keep the last tokens (TGIS)
+            ids, offsets = ids[-truncate[row]:], offsets and offsets[-truncate[row]:]
+            text = tokenizer.decode(ids)
+        rows.append((ids, text, offsets))
+    width = max(1, max(len(ids) for ids, _, _ in rows))
+    padded = np.zeros((batch, width), dtype=np.int32)
+    tokens = np.full((batch, width if want_tokens else 0), b"", dtype=np.object_)
+    spans = np.full((batch, width if want_offsets else 0, 2), -1, dtype=np.int32)
+    for row, (ids, _, offsets) in enumerate(rows):
+        padded[row, :len(ids)] = ids
+        if want_tokens:
+            tokens[row, :len(ids)] = [t.encode() for t in tokenizer.convert_ids_to_tokens(ids)]
+        if want_offsets:
+            spans[row, :len(ids)] = offsets
+    lengths = np.array([[len(ids)] for ids, _, _ in rows], dtype=np.int32)
     return {
         "_input_ids": padded,
-        "_input_lengths": np.array([[len(x)] for x in ids], dtype=np.int32),
-        "_prompt_text": np.array([[t] for t in texts], dtype=np.object_),
+        "_input_lengths": lengths,
+        "_prompt_text": np.array([[text.encode()] for _, text, _ in rows], dtype=np.object_),
+        "token_count": lengths,
+        "input_ids": padded,
+        "tokens": tokens,
+        "offsets": spans,
     }

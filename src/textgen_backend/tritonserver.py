@@ -69,3 +69,34 @@ def server_command(install: TritonServerInstall, repository: Path, hostname: str
     if install.backend_dir is not None:
         command.append(f"--backend-directory={install.backend_dir}")
     return command
+
+
+def tls_options(cert_path: str | None, key_path: str | None,
+                client_ca_cert_path: str | None) -> list[str]:
+    """tritonserver's gRPC SSL options for TGIS's TLS_CERT_PATH / TLS_KEY_PATH /
+    TLS_CLIENT_CA_CERT_PATH (mutual TLS with the last). HTTP and metrics stay plain: tritonserver
+    has no TLS for them."""
+    if not cert_path and not key_path:
+        if client_ca_cert_path:
+            raise ValueError("--tls-client-ca-cert-path needs --tls-cert-path and --tls-key-path")
+        return []
+    if not (cert_path and key_path):
+        raise ValueError("give both --tls-cert-path and --tls-key-path (TLS_CERT_PATH, "
+                         "TLS_KEY_PATH)")
+    for path in (cert_path, key_path, client_ca_cert_path):
+        if path and not Path(path).is_file():
+            raise ValueError(f"TLS file {path} does not exist")
+    options = ["--grpc-use-ssl=true", f"--grpc-server-cert={cert_path}",
+               f"--grpc-server-key={key_path}"]
+    if client_ca_cert_path:
+        options += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={client_ca_cert_path}"]
+    return options
+
+
+def tracing_options(otlp_endpoint: str | None) -> list[str]:
+    """Triton's OpenTelemetry tracing of every request, exported over OTLP/HTTP."""
+    if not otlp_endpoint:
+        return []
+    return ["--trace-config=mode=opentelemetry", "--trace-config=level=TIMESTAMPS",
+            "--trace-config=rate=1", f"--trace-config=opentelemetry,url={otlp_endpoint}",
+            "--trace-config=opentelemetry,resource=service.name=textgen"]

@@ -1,4 +1,5 @@
-"""Finding a model directory and streaming its safetensors weights."""
+"""Finding a model directory and streaming its weights (safetensors; pickled PyTorch .bin
+files only when allowed with load_format "pt")."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ from typing import Iterator
 
 import torch
 from safetensors import safe_open
+
+from textgen_backend.convert_weights import pytorch_weight_files
 
 
 def resolve_model_dir(model_id: str, revision: str | None = None,
@@ -35,12 +38,25 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         return [model_dir / shard for shard in shards]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
+        if pytorch_weight_files(model_dir):
+            raise FileNotFoundError(
+                f"{model_dir} has only pickled PyTorch weights (*.bin), which can run code when "
+                f"loaded: convert them with `textgen convert-to-safetensors {model_dir}`, or "
+                f"allow them with --load-format pt")
         raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
     return files
 
 
-def iterate_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (name, tensor) one tensor at a time, so peak memory stays near one tensor."""
+def iterate_weights(model_dir: Path, load_format: str = "safetensors"
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (name, tensor) one tensor at a time, so peak memory stays near one tensor (one
+    shard for .bin files). load_format "pt" falls back to .bin files when there are no
+    safetensors."""
+    bins = pytorch_weight_files(model_dir)
+    if load_format == "pt" and bins and not list(model_dir.glob("*.safetensors")):
+        for path in bins:
+            yield from torch.load(path, map_location="cpu", weights_only=True).items()
+        return
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.request
 
 import pytest
@@ -33,6 +34,12 @@ class Reference:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def log_probs(self, ids: list[int]) -> torch.Tensor:
+        """[len(ids), V]: log_softmax of the logits at each position (predicting the next)."""
+        with torch.no_grad():
+            logits = self.model(torch.tensor([ids])).logits[0].float()
+        return torch.log_softmax(logits, dim=-1)
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +112,20 @@ def scrape_metrics(server) -> dict[str, float]:
         if match:
             metrics[match.group(1)] = float(match.group(2))
     return metrics
+
+
+def settled_metrics(server, timeout: float = 10.0) -> dict[str, float]:
+    """A scrape once two in a row agree: the models publish metrics on threads of their own, a
+    moment after the responses."""
+    previous = scrape_metrics(server)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        current = scrape_metrics(server)
+        if current == previous:
+            return current
+        previous = current
+    raise AssertionError("the metrics did not settle")
 
 
 def metric(server, name: str) -> float:

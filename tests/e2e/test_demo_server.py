@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import metric
+from conftest import metric, scrape_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -74,11 +74,16 @@ def test_cancelled_stream_stops_generation_and_frees_kv_blocks(demo_server, clie
     received = [next(stream) for _ in range(3)]
     assert all(c.finish_reason == "" for c in received)
     assert metric(demo_server, "textgen_kv_cache_blocks_used") > 0
+    completed = scrape_metrics(demo_server)['nv_inference_count{model="ensemble",version="1"}']
     started = time.monotonic()
     stream.close()  # tritonclient stop_stream(cancel_requests=True)
     while metric(demo_server, "textgen_kv_cache_blocks_used") > 0:
         assert time.monotonic() - started < 5, "generation did not stop after cancellation"
         time.sleep(0.05)
     assert metric(demo_server, "tgi_batch_current_size") == 0
+    # The ensemble request itself completes (else tritonserver counts it in flight forever).
+    while scrape_metrics(demo_server)['nv_inference_count{model="ensemble",version="1"}'] == completed:
+        assert time.monotonic() - started < 5, "the cancelled ensemble request never completed"
+        time.sleep(0.05)
     # The server goes on serving.
     assert client_for(demo_server).generate("Once upon a time", max_tokens=3).num_output_tokens == 3

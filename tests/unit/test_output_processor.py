@@ -4,10 +4,10 @@ import time
 import pytest
 
 from assets import byte_level_bpe_tokenizer
-from textgen_backend.output_processor import OutputProcessor
-from textgen_backend.params import RequestParams, SamplingParams, StoppingParams
+from textgen_backend.output_processor import Candidate, OutputProcessor
+from textgen_backend.params import DetailsParams, RequestParams, SamplingParams, StoppingParams
 from textgen_backend.request import Prompt
-from textgen_backend.scheduler import StepOutput
+from textgen_backend.scheduler import StepOutput, TokenLogprob
 
 pytestmark = pytest.mark.unit
 
@@ -25,11 +25,14 @@ class ListSink:
         return False
 
 
-def prompt(index=0, stream=True, stops=(), max_tokens=50):
-    params = RequestParams(SamplingParams(), StoppingParams(max_tokens=max_tokens,
-                                                            stop_sequences=tuple(stops)),
-                           stream=stream)
-    return Prompt([5, 6], "prompt", index, params)
+def prompt(index=0, stream=True, stops=(), max_tokens=50, include_stop=True, best_of=1,
+           returned=1, details=DetailsParams(), candidate=0, deadline=None):
+    """A Candidate (one generated sequence) of a prompt with these parameters."""
+    stopping = StoppingParams(max_tokens=max_tokens, stop_sequences=tuple(stops),
+                              include_stop_sequence=include_stop)
+    params = RequestParams(SamplingParams(do_sample=best_of > 1), stopping, details=details,
+                           stream=stream, best_of=best_of, num_return_sequences=returned)
+    return Candidate(Prompt([5, 6], "prompt", index, params), candidate, 42 + candidate, deadline)
 
 
 def setup(responses_per_second=1e9, **kw):
@@ -123,3 +126,73 @@ def test_many_streams_coalesce_tokens_into_fewer_responses():
     assert "".join(r.text for r, _, _ in sink.sent) == TEXT
     time.sleep(processor.stream_interval())
     assert [s for s, *_ in processor.flush_due().sends] == [other]
+
+
+def test_include_stop_sequence_false_drops_the_match_and_reports_it():
+    tokenizer, processor, sink = setup()
+    ids = tokenizer(TEXT)["input_ids"]
+    processor.register(sink, [prompt(stream=False, stops=["text,"], include_stop=False)], [1])
+    for token in ids:
+        deliver(processor, [StepOutput(1, [token])])
+    response = sink.sent[0][0]
+    assert response.text == "Streams of tokens become "
+    assert (response.finish_reason, response.stop_reason, response.stop_sequence) == (
+        "stop", "stop_sequence", "text,")
+    assert response.seed == 42
+
+
+def test_time_limit_finishes_with_the_text_so_far():
+    tokenizer, processor, sink = setup()
+    ids = tokenizer(TEXT)["input_ids"]
+    processor.register(sink, [prompt(stream=False, deadline=time.monotonic() + 0.05)], [1])
+    deliver(processor, [StepOutput(1, [ids[0]])])
+    assert sink.sent == []
+    time.sleep(0.06)
+    result = deliver(processor, [StepOutput(1, [ids[1]])])
+    assert result.stop_seq_ids == [1]
+    response = sink.sent[0][0]
+    assert response.finish_reason == "time_limit" and response.stop_reason == "time_limit"
+    assert response.output_ids == ids[:2] and response.text == tokenizer.decode(ids[:2])
+
+
+def test_time_limit_ends_a_queued_sequence_on_the_timer():
+    tokenizer, processor, sink = setup()
+    processor.register(sink, [prompt(stream=False, deadline=time.monotonic())], [1])
+    result = processor.flush_due()
+    assert result.stop_seq_ids == [1]
+    (_, response, _, final), = result.sends
+    assert final and response.finish_reason == "time_limit" and response.output_ids == []
+
+
+def test_best_of_returns_the_candidates_with_the_highest_cumulative_logprob():
+    tokenizer, processor, sink = setup()
+    cands = [prompt(stream=False, best_of=3, returned=2, candidate=i) for i in range(3)]
+    processor.register(sink, cands, [1, 2, 3])
+    for seq_id, logprob in ((1, -3.0), (2, -1.0), (3, -2.0)):
+        lps = [TokenLogprob(logprob / 2, 1, []), TokenLogprob(logprob / 2, 1, [])]
+        deliver(processor, [StepOutput(seq_id, [40 + seq_id, 41], "length", logprobs=lps)])
+    assert [(r.sequence_id, r.sequence_index, f) for r, _, f in sink.sent] == [
+        (2, 0, False), (3, 1, True)]
+    assert sink.sent[0][0].seed == 43
+
+
+def test_token_details_and_input_details_are_json_per_token():
+    tokenizer, processor, sink = setup()
+    details = DetailsParams(log_probs=True, top_n_tokens=2, input_details=True)
+    processor.register(sink, [prompt(details=details)], [1])
+    lp = TokenLogprob(-0.5, 2, [(7, -0.2), (40, -0.5)])
+    deliver(processor, [StepOutput(1, [40], logprobs=[lp],
+                                   prompt_logprobs=[None, TokenLogprob(-1.5, 3, [])])])
+    deliver(processor, [StepOutput(1, [41], "length", logprobs=[TokenLogprob(-0.25, 1, [])])])
+    first, second = sink.sent[0][0], sink.sent[1][0]
+    import json
+    entry = json.loads(first.token_details[0])
+    assert entry["id"] == 40 and entry["logprob"] == -0.5 and entry["rank"] == 2
+    assert entry["text"] == tokenizer.decode([40])
+    assert [t["id"] for t in entry["top_tokens"]] == [7, 40]
+    assert first.output_log_probs == [-0.5] and first.cum_log_prob == -0.5
+    assert second.cum_log_prob == -0.75 and second.output_log_probs == [-0.25]
+    prompt_details = [json.loads(d) for d in first.input_token_details]
+    assert [d["id"] for d in prompt_details] == [5, 6]
+    assert prompt_details[0]["logprob"] is None and prompt_details[1]["rank"] == 3
+    assert second.input_token_details == []

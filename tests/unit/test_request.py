@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from textgen_backend.config import EngineLimits
+from textgen_backend.config import EngineConfig, EngineLimits
 from textgen_backend.params import RequestError
 from textgen_backend.request import parse_prompts
 
@@ -21,8 +21,15 @@ def inputs(batch=1, length=3, **params):
     return arrays
 
 
+CONFIG = EngineConfig(model_id="m", max_stop_sequences=2, max_best_of=3, max_top_n_tokens=4)
+
+
+def encode_words(word):
+    return [ord(c) for c in word]  # one token per character
+
+
 def parse(**kw):
-    return parse_prompts(inputs(**kw), LIMITS, max_stop_sequences=2)
+    return parse_prompts(inputs(**kw), LIMITS, CONFIG, encode_words)
 
 
 def test_defaults_are_greedy_with_tgis_max_tokens():
@@ -47,10 +54,29 @@ def test_defaults_are_greedy_with_tgis_max_tokens():
      "3 stop sequences given but max_stop_sequences is 2"),
     ({"sampling_parameters": np.array([[b'{"max_tokens": 4, "beam": 2}']], object)},
      "sampling_parameters has unknown keys ['beam']"),
+    ({"typical_p": np.array([[0.0]], np.float32)}, "typical_p must be in (0, 1], got 0.0"),
+    ({"min_p": np.array([[1.5]], np.float32)}, "min_p must be in [0, 1], got 1.5"),
+    ({"length_penalty_start_index": np.array([[2]], np.int32)},
+     "length_penalty_start_index and length_penalty_decay_factor must be given together"),
+    ({"length_penalty_start_index": np.array([[2]], np.int32),
+      "length_penalty_decay_factor": np.array([[11.0]], np.float32)},
+     "length_penalty_decay_factor must be in [1, 10], got 11.0"),
+    ({"time_limit_ms": np.array([[0]], np.int32)}, "time_limit_ms must be >= 1, got 0"),
+    ({"top_n_tokens": np.array([[5]], np.int32)},
+     "top_n_tokens must be in [0, max_top_n_tokens=4], got 5"),
+    ({"best_of": np.array([[4]], np.int32), "temperature": np.array([[1.0]], np.float32)},
+     "best_of must be in [1, max_best_of=3], got 4"),
+    ({"best_of": np.array([[2]], np.int32)}, "best_of=2 needs sampling"),
+    ({"best_of": np.array([[2]], np.int32), "top_k": np.array([[5]], np.int32),
+      "stream": np.array([[True]])}, "best_of=2 cannot be streamed"),
+    ({"num_return_sequences": np.array([[3]], np.int32), "best_of": np.array([[2]], np.int32),
+      "top_k": np.array([[5]], np.int32)}, "num_return_sequences must be in [1, best_of=2], got 3"),
+    ({"stop_words": np.array([[b"x" * 241]], object)},
+     "a stop sequence has 241 characters but the limit is 240"),
     ({"sampling_parameters": np.array([[b'{"max_tokens": 4,']], object)},
      "sampling_parameters is not valid JSON"),
-    ({"sampling_parameters": np.array([[b'{"max_tokens": "4"}']], object)},
-     "max_tokens must be a number, got '4'"),
+    ({"sampling_parameters": np.array([[b'{"max_tokens": [4]}']], object)},
+     "max_tokens must be a number, got [4]"),
     ({"sampling_parameters": np.array([[b'{"max_tokens": 4.5}']], object)},
      "max_tokens must be an integer, got 4.5"),
     ({"max_tokens": np.array([[4]], np.int32),
@@ -99,3 +125,38 @@ def test_vllm_sampling_parameters_json():
 def test_empty_stop_words_mean_none():
     [p] = parse(stop_words=np.array([[b""]], object))
     assert p.params.stopping.stop_sequences == ()
+
+
+def test_new_parameters_reach_the_params():
+    [p] = parse(typical_p=np.array([[0.5]], np.float32), min_p=np.array([[0.1]], np.float32),
+                length_penalty_start_index=np.array([[3]], np.int32),
+                length_penalty_decay_factor=np.array([[1.5]], np.float32),
+                bad_words=np.array([[b"ab", b""]], object), watermark=np.array([[True]]),
+                time_limit_ms=np.array([[250]], np.int32),
+                include_stop_sequence=np.array([[False]]),
+                return_log_probs=np.array([[True]]), top_n_tokens=np.array([[2]], np.int32),
+                decoder_input_details=np.array([[True]]))
+    s, st, d = p.params.sampling, p.params.stopping, p.params.details
+    assert s.do_sample and s.typical_p == 0.5 and s.min_p == pytest.approx(0.1)
+    assert s.length_penalty == (3, 1.5) and s.bad_words_ids == ((97, 98),) and s.watermark
+    assert st.time_limit_ms == 250 and not st.include_stop_sequence
+    assert d.log_probs and d.top_n_tokens == 2 and d.input_details
+
+
+def test_best_of_and_vllm_aliases():
+    [p] = parse(sampling_parameters=np.array(
+        [[b'{"n": 2, "temperature": 0.5, "include_stop_str_in_output": false, "logprobs": 3}']],
+        object))
+    assert p.params.best_of == 2 and p.params.num_return_sequences == 2
+    assert not p.params.stopping.include_stop_sequence
+    assert p.params.details.top_n_tokens == 3 and p.params.details.log_probs
+
+
+def test_sampling_parameters_numbers_sent_as_strings_are_converted():
+    [p] = parse(sampling_parameters=np.array(
+        [[b'{"max_tokens": "8", "temperature": "0.5", "ignore_eos": "true"}']], object))
+    assert p.params.stopping.max_tokens == 8 and p.params.stopping.ignore_eos
+    assert p.params.sampling.temperature == 0.5
+    with pytest.raises(RequestError, match="sampling_parameters.max_tokens must be an integer, "
+                                           "got 'eight'"):
+        parse(sampling_parameters=np.array([[b'{"max_tokens": "eight"}']], object))

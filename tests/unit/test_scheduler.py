@@ -3,6 +3,7 @@ import pytest
 from textgen_backend.block_manager import BlockManager
 from textgen_backend.config import EngineLimits
 from textgen_backend.params import SamplingParams, StoppingParams
+from textgen_backend.sampling import SampleOutput
 from textgen_backend.scheduler import Scheduler
 from textgen_backend.sequence import Sequence, SequenceStatus
 
@@ -30,7 +31,7 @@ def seq(seq_id, prompt_len, max_tokens=50):
 def run_step(scheduler, token=7):
     out = scheduler.schedule()
     assert out is not None
-    return out, scheduler.update(out, [token] * len(out.seqs))
+    return out, scheduler.update(out, SampleOutput([token] * len(out.seqs)))
 
 
 def test_block_manager_allocates_ceil_blocks_and_appends_at_block_boundaries():
@@ -128,3 +129,21 @@ def test_abort_frees_waiting_and_running_sequences():
     assert sched.abort(1, "cancelled").finish_reason == "cancelled"   # running
     assert sched.abort(3, "cancelled") is None
     assert not sched.has_work() and sched.block_manager.num_free_blocks == 32
+
+
+def test_prefill_limit_hits_and_first_admission_times_are_recorded():
+    sched = make_scheduler(max_batch_prefill_tokens=10)
+    first, second = seq(0, 6), seq(1, 6)
+    sched.add(first)
+    sched.add(second)
+    assert first.scheduled_at is None
+    run_step(sched)                     # 6 + 6 > 10: the second one waits
+    assert sched.num_prefill_limit_hits == 1 and second.scheduled_at is None
+    admitted_at = first.scheduled_at
+    assert admitted_at is not None
+    sched._preempt(first)               # a recomputed sequence keeps its first admission time
+    run_step(sched)                     # 7 + 6 > 10 again
+    assert first.status is SequenceStatus.RUNNING and first.scheduled_at == admitted_at
+    assert sched.num_prefill_limit_hits == 2 and second.scheduled_at is None
+    out, _ = run_step(sched)
+    assert out.is_prefill and out.seqs == [second] and second.scheduled_at >= admitted_at

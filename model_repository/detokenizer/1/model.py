@@ -12,10 +12,9 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             if request.is_cancelled():
+                # Relay, then answer as usual: an error here leaves the ensemble request
+                # counted in flight forever (tritonserver then waits its exit timeout).
                 self._relay_cancel(request)
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    "request cancelled", pb_utils.TritonError.CANCELLED)))
-                continue
             outputs = []
             for public in contract.DETOKENIZER_OUTPUTS:
                 tensor = pb_utils.get_input_tensor_by_name(request, "_" + public.name)

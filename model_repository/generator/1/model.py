@@ -6,7 +6,8 @@ import triton_python_backend_utils as pb_utils
 
 from textgen_backend import contract
 from textgen_backend.config import EngineConfig
-from textgen_backend.metrics import ENGINE_METRICS
+from textgen_backend.logs import configure_logging
+from textgen_backend.metrics import GENERATOR_METRICS, TritonMetrics
 from textgen_backend.params import RequestError
 from textgen_backend.service import GenerationService
 
@@ -34,22 +35,9 @@ class TritonSink:
 class TritonPythonModel:
     def initialize(self, args):
         parameters = json.loads(args["model_config"])["parameters"]
-        self.metrics = [(spec, _metric(spec)) for spec in ENGINE_METRICS]
-        self.reported = {spec.name: 0 for spec in ENGINE_METRICS}  # skip IPC for unchanged values
-        self.service = GenerationService(
-            EngineConfig.from_json(parameters["engine_config"]["string_value"]),
-            on_stats=self._report)
-
-    def _report(self, stats):
-        for spec, (_, metric) in self.metrics:
-            value, last = getattr(stats, spec.stat), self.reported[spec.name]
-            if value == last:
-                continue
-            if spec.kind == "counter":
-                metric.increment(value - last)
-            else:
-                metric.set(value)
-            self.reported[spec.name] = value
+        config = EngineConfig.from_json(parameters["engine_config"]["string_value"])
+        configure_logging(config.json_output)
+        self.service = GenerationService(config, TritonMetrics(pb_utils, GENERATOR_METRICS))
 
     def execute(self, requests):
         for request in requests:
@@ -73,10 +61,3 @@ class TritonPythonModel:
 
     def finalize(self):
         self.service.shutdown()
-
-
-def _metric(spec):
-    """(family, metric): a Metric is only usable while its MetricFamily is alive."""
-    kind = pb_utils.MetricFamily.COUNTER if spec.kind == "counter" else pb_utils.MetricFamily.GAUGE
-    family = pb_utils.MetricFamily(name=spec.name, description=spec.description, kind=kind)
-    return family, family.Metric(labels={"model": "generator"})

@@ -1,12 +1,17 @@
-"""Triton glue for the tokenizer: text_input rows -> padded token ids (textgen_backend does the work)."""
+"""Triton glue for the tokenizer: text_input rows -> padded token ids, and TGIS's Tokenize API
+when called on its own (textgen_backend.tokenizer does the work)."""
 import json
+import time
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from textgen_backend import contract
 from textgen_backend.config import EngineConfig
+from textgen_backend.logs import configure_logging
+from textgen_backend.metrics import (TOKENIZE_METRICS, MetricsPublisher, TritonMetrics,
+                                     tokenize_updates)
 from textgen_backend.params import RequestError
-from textgen_backend.tokenizer import load_tokenizer, tokenize_batch
+from textgen_backend.tokenizer import load_tokenizer, tokenize_request
 from textgen_backend.weights import resolve_model_dir
 
 
@@ -14,27 +19,35 @@ class TritonPythonModel:
     def initialize(self, args):
         parameters = json.loads(args["model_config"])["parameters"]
         config = EngineConfig.from_json(parameters["engine_config"]["string_value"])
+        configure_logging(config.json_output)
         model_dir = resolve_model_dir(config.model_id, config.revision, config.huggingface_hub_cache)
-        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer = load_tokenizer(model_dir, config.tokenizer_config_path,
+                                        config.trust_remote_code)
+        self.metrics = MetricsPublisher(TritonMetrics(pb_utils, TOKENIZE_METRICS))
 
     def execute(self, requests):
         responses = []
         for request in requests:
-            texts = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)
-            chat = pb_utils.get_input_tensor_by_name(request, "apply_chat_template")
-            chat = chat.as_numpy().reshape(-1) if chat is not None else np.zeros(len(texts), bool)
-            if len(chat) not in (1, len(texts)):
-                responses.append(_error(f"apply_chat_template has {len(chat)} rows but "
-                                        f"text_input has {len(texts)}"))
-                continue
+            inputs = {}
+            for spec in contract.TOKENIZER_INPUTS:
+                tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+                if tensor is not None:
+                    inputs[spec.name] = tensor.as_numpy()
+            started = time.monotonic()
             try:
-                outputs = tokenize_batch(self.tokenizer, texts, np.broadcast_to(chat, texts.shape))
+                outputs = tokenize_request(self.tokenizer, inputs)
             except RequestError as exc:
                 responses.append(_error(str(exc)))
                 continue
+            lengths = outputs["_input_lengths"]
+            self.metrics.publish(tokenize_updates(len(lengths), int(lengths.sum()),
+                                                  time.monotonic() - started))
             responses.append(pb_utils.InferenceResponse(
                 [pb_utils.Tensor(name, array) for name, array in outputs.items()]))
         return responses
+
+    def finalize(self):
+        self.metrics.close()
 
 
 def _error(message):

@@ -6,6 +6,7 @@ from textgen_backend.model_config import ModelConfig
 from textgen_backend.models.llama import LlamaForCausalLM
 from textgen_backend.models.mistral import MistralForCausalLM
 from textgen_backend.models.qwen2 import Qwen2ForCausalLM
+from textgen_backend.quantization import QuantConfig
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -14,10 +15,10 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(config: ModelConfig, ops: Ops) -> nn.Module:
+def build_model(config: ModelConfig, ops: Ops, quant: QuantConfig | None = None) -> nn.Module:
     try:
         cls = MODEL_REGISTRY[config.architecture]
     except KeyError:
         raise ValueError(f"architecture {config.architecture!r} is not supported "
                          f"(supported: {', '.join(MODEL_REGISTRY)})") from None
-    return cls(config, ops)
+    return cls(config, ops, quant)

@@ -12,21 +12,24 @@ from torch import nn
 
 from textgen_backend.layers.attention import AttentionMetadata, PagedAttention
 from textgen_backend.layers.ops import Ops
+from textgen_backend.layers.quantized_linear import QuantizedWeightLoader, make_linear
 from textgen_backend.layers.rmsnorm import RMSNorm
 from textgen_backend.layers.rotary import RotaryEmbedding
 from textgen_backend.model_config import ModelConfig
+from textgen_backend.quantization import QuantConfig
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, ops: Ops, qkv_bias: bool, o_bias: bool,
-                 sliding_window: int | None):
+                 sliding_window: int | None, quant: QuantConfig | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.qkv_proj = make_linear(config.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias,
+                                    ops, quant)
+        self.o_proj = make_linear(self.q_size, config.hidden_size, o_bias, ops, quant)
         self.rotary = RotaryEmbedding(ops, self.head_dim, config.max_position_embeddings,
                                       config.rope_theta, config.rope_scaling)
         self.attn = PagedAttention(ops, self.num_heads, self.num_kv_heads, self.head_dim,
@@ -43,11 +46,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, ops: Ops):
+    def __init__(self, config: ModelConfig, ops: Ops, quant: QuantConfig | None = None):
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = make_linear(config.hidden_size, 2 * config.intermediate_size, False,
+                                        ops, quant)
+        self.down_proj = make_linear(config.intermediate_size, config.hidden_size, False, ops,
+                                     quant)
 
     def forward(self, hidden):
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(hidden)))
@@ -55,12 +60,12 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, ops: Ops, qkv_bias: bool, o_bias: bool,
-                 sliding_window: int | None):
+                 sliding_window: int | None, quant: QuantConfig | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(ops, config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, ops, qkv_bias, o_bias, sliding_window)
+        self.self_attn = LlamaAttention(config, ops, qkv_bias, o_bias, sliding_window, quant)
         self.post_attention_layernorm = RMSNorm(ops, config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, ops)
+        self.mlp = LlamaMLP(config, ops, quant)
 
     def forward(self, positions, hidden, residual, meta):
         if residual is None:
@@ -80,14 +85,16 @@ class LlamaForCausalLM(nn.Module):
     )
     qkv_bias = False
 
-    def __init__(self, config: ModelConfig, ops: Ops):
+    def __init__(self, config: ModelConfig, ops: Ops, quant: QuantConfig | None = None):
+        """quant: GPTQ / AWQ projections (embeddings, norms and lm_head stay dense)."""
         super().__init__()
         self.config = config
+        self.quant = quant
         qkv_bias = self.qkv_bias or config.attention_bias
         o_bias = config.attention_bias
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, ops, qkv_bias, o_bias, config.sliding_window)
+            LlamaDecoderLayer(config, ops, qkv_bias, o_bias, config.sliding_window, quant)
             for _ in range(config.num_layers))
         self.norm = RMSNorm(ops, config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -113,9 +120,14 @@ class LlamaForCausalLM(nn.Module):
         """Copies checkpoint tensors (HF names) into our parameters, fusing stacked ones."""
         params = dict(self.named_parameters())
         loaded = set()
+        quantized = (QuantizedWeightLoader(self, self.quant, self._quantized_target)
+                     if self.quant is not None else None)
         for name, tensor in weights:
             name = name.removeprefix("model.")
             if "rotary_emb.inv_freq" in name:
+                continue
+            if quantized is not None and quantized.accepts(name):
+                quantized.add(name, tensor)
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
@@ -133,17 +145,39 @@ class LlamaForCausalLM(nn.Module):
                                      f"expected {tuple(params[name].shape)}")
                 params[name].data.copy_(tensor)
             loaded.add(name)
+        if quantized is not None:
+            quantized.finish(self._checkpoint_layers_in)
         missing = set(params) - loaded - ({"lm_head.weight"} if self.config.tie_word_embeddings else set())
         if missing:
             raise ValueError(f"checkpoint lacks tensors for {sorted(missing)[:5]} "
                              f"({len(missing)} missing)")
 
-    def _copy_shard(self, param: nn.Parameter, tensor: torch.Tensor, fused: str, shard: int):
+    def _shard_sizes(self, fused: str) -> list[int]:
         c = self.config
         if fused == "qkv_proj":
-            sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
-        else:
-            sizes = [c.intermediate_size, c.intermediate_size]
+            return [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+        return [c.intermediate_size, c.intermediate_size]
+
+    def _checkpoint_layers_in(self, module: str) -> int:
+        """How many checkpoint layers our module fuses (qkv_proj: 3, gate_up_proj: 2, else 1)."""
+        fused = module.rsplit(".", 1)[-1]
+        return sum(ours == fused for ours, _, _ in self.stacked_params) or 1
+
+    def _quantized_target(self, layer: str) -> tuple[str, int, int]:
+        """A checkpoint layer ("layers.0.self_attn.k_proj") -> (our module, column offset,
+        columns): its shard of a fused projection, or the whole of an unfused one."""
+        for ours, theirs, shard in self.stacked_params:
+            if layer.endswith(f".{theirs}"):
+                sizes = self._shard_sizes(ours)
+                return layer.replace(theirs, ours), sum(sizes[:shard]), sizes[shard]
+        try:
+            return layer, 0, self.get_submodule(layer).out_features
+        except AttributeError:
+            raise ValueError(f"checkpoint layer {layer!r} has no module in "
+                             f"{type(self).__name__}") from None
+
+    def _copy_shard(self, param: nn.Parameter, tensor: torch.Tensor, fused: str, shard: int):
+        sizes = self._shard_sizes(fused)
         start = sum(sizes[:shard])
         if tensor.shape[0] != sizes[shard]:
             raise ValueError(f"{fused} shard {shard} has {tensor.shape[0]} rows, expected {sizes[shard]}")
