@@ -9,17 +9,14 @@ import argparse
 import random
 
 import torch
-import triton.testing
 
 from common import (LLAMA3_8B, Timer, hf_llama3_8b, kv_bytes_per_token, llama3_8b_dir,
-                    measure_ceilings, param_bytes, print_table, release_gpu_memory)
+                    measure_ceilings, param_bytes, print_table, release_gpu_memory, time_decode)
 
 
 def engine_decode_ms(batches, context, steps, max_batch):
     from textgen_backend.config import EngineConfig
     from textgen_backend.engine import Engine
-    from textgen_backend.params import SamplingParams, StoppingParams
-    from textgen_backend.sequence import Sequence
 
     total = context + steps + 16
     config = EngineConfig(model_id=str(llama3_8b_dir()), load_format="dummy", dtype="bfloat16",
@@ -32,26 +29,7 @@ def engine_decode_ms(batches, context, steps, max_batch):
     rng = random.Random(0)
     results = {}
     for batch in batches:
-        seqs = [Sequence(1000 * batch + i, [rng.randrange(128000) for _ in range(context)],
-                         SamplingParams(), StoppingParams(max_tokens=steps + 8, ignore_eos=True))
-                for i in range(batch)]
-        for s in seqs:
-            engine.add(s)
-        while any(not s.output_ids for s in seqs):  # prefills
-            engine.step()
-        for _ in range(3):
-            engine.step()
-        with Timer() as t:
-            for _ in range(steps):
-                engine.step()
-        assert all(len(s.output_ids) == steps + 4 for s in seqs), "a sequence fell out of the batch"
-        graphs = engine.runner.graphs
-        size = next(b for b in graphs.batch_sizes if b >= batch)
-        graph_ms = triton.testing.do_bench(graphs.graphs[size].replay, warmup=10, rep=100,
-                                           return_mode="median")
-        results[batch] = (1e3 * t.seconds / steps, graph_ms)
-        while engine.has_work():
-            engine.step()
+        results[batch] = time_decode(engine, batch, context, steps, rng)
     peak = torch.cuda.max_memory_allocated() / 2**30
     kv_tokens = engine.limits.max_batch_total_tokens
     del engine

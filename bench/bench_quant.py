@@ -22,7 +22,7 @@ import triton
 import triton.testing
 
 from common import (LLAMA3_8B, Timer, kv_bytes_per_token, llama3_8b_dir, measure_ceilings,
-                    print_table, release_gpu_memory)
+                    print_table, release_gpu_memory, time_decode)
 from textgen_kernels import quant_matmul as qm
 
 SHAPES = {"qkv_proj": (4096, 6144), "o_proj": (4096, 4096), "gate_up_proj": (4096, 28672),
@@ -175,8 +175,6 @@ def tune(batches, budget_s: float, save: str | None) -> None:
 def engine_decode_ms(quantize, batches, context, steps):
     from textgen_backend.config import EngineConfig
     from textgen_backend.engine import Engine
-    from textgen_backend.params import SamplingParams, StoppingParams
-    from textgen_backend.sequence import Sequence
 
     total = context + steps + 16
     max_batch = max(batches)
@@ -193,26 +191,7 @@ def engine_decode_ms(quantize, batches, context, steps):
     rng = random.Random(0)
     results = {}
     for batch in batches:
-        seqs = [Sequence(1000 * batch + i, [rng.randrange(128000) for _ in range(context)],
-                         SamplingParams(), StoppingParams(max_tokens=steps + 8, ignore_eos=True))
-                for i in range(batch)]
-        for s in seqs:
-            engine.add(s)
-        while any(not s.output_ids for s in seqs):  # prefills
-            engine.step()
-        for _ in range(3):
-            engine.step()
-        with Timer() as t:
-            for _ in range(steps):
-                engine.step()
-        assert all(len(s.output_ids) == steps + 4 for s in seqs), "a sequence fell out of the batch"
-        graphs = engine.runner.graphs
-        size = next(b for b in graphs.batch_sizes if b >= batch)
-        graph_ms_ = triton.testing.do_bench(graphs.graphs[size].replay, warmup=10, rep=100,
-                                            return_mode="median")
-        results[batch] = (1e3 * t.seconds / steps, graph_ms_)
-        while engine.has_work():
-            engine.step()
+        results[batch] = time_decode(engine, batch, context, steps, rng)
     peak = torch.cuda.max_memory_allocated() / 2**30
     del engine
     release_gpu_memory()

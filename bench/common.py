@@ -50,6 +50,36 @@ def release_gpu_memory() -> None:
     torch.cuda.empty_cache()
 
 
+def time_decode(engine, batch: int, context: int, steps: int, rng) -> tuple[float, float]:
+    """(ms per decode step, ms of the CUDA-graph replay alone) for `batch` sequences of
+    `context` random prompt tokens; every sequence decodes in every timed step."""
+    import triton.testing
+
+    from textgen_backend.params import SamplingParams, StoppingParams
+    from textgen_backend.sequence import Sequence
+
+    seqs = [Sequence(1000 * batch + i, [rng.randrange(128000) for _ in range(context)],
+                     SamplingParams(), StoppingParams(max_tokens=steps + 8, ignore_eos=True))
+            for i in range(batch)]
+    for s in seqs:
+        engine.add(s)
+    while any(not s.output_ids for s in seqs):  # prefills
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    with Timer() as t:
+        for _ in range(steps):
+            engine.step()
+    assert all(len(s.output_ids) == steps + 4 for s in seqs), "a sequence fell out of the batch"
+    graphs = engine.runner.graphs
+    size = next(b for b in graphs.batch_sizes if b >= batch)
+    graph_ms = triton.testing.do_bench(graphs.graphs[size].replay, warmup=10, rep=100,
+                                       return_mode="median")
+    while engine.has_work():
+        engine.step()
+    return 1e3 * t.seconds / steps, graph_ms
+
+
 def write_synthetic_tokenizer(model_dir: Path, vocab_size: int) -> None:
     """A word-level tokenizer with one word per id ("t0 t1 ..."): serving needs a tokenizer,
     and random weights need none better."""

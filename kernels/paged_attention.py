@@ -33,7 +33,7 @@ def paged_attention_reference(
     """
     num_tokens, num_q_heads, head_dim = q.shape
     batch = context_lens.shape[0]
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_kv_heads = k_cache.shape[2]
     device = q.device
 
     q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import tritonclient.grpc as grpcclient
 
 from textgen_backend import logits_processors as lp

@@ -1,5 +1,4 @@
 """Rotary tables against transformers for each rope_scaling type, and TGI's override flags."""
-import json
 
 import pytest
 import torch
