@@ -21,26 +21,8 @@ class TextgenError(RuntimeError):
 
 
 @dataclass
-class GenerationChunk:
-    """One response: a text delta when streaming, the whole text otherwise."""
-    text: str
-    output_ids: list[int]
-    finish_reason: str
-    num_input_tokens: int
-    num_output_tokens: int
-    batch_index: int
-    sequence_index: int = 0
-    stop_reason: str = ""
-    stop_sequence: str = ""
-    seed_used: int = 0
-    cum_log_prob: float | None = None
-    output_log_probs: list[float] = field(default_factory=list)
-    token_details: list[dict] = field(default_factory=list)
-    input_token_details: list[dict] = field(default_factory=list)
-
-
-@dataclass
 class GenerationResult:
+    """A sequence's generation: the whole of it, or (as a GenerationChunk) one response's part."""
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str = ""
@@ -53,6 +35,13 @@ class GenerationResult:
     output_log_probs: list[float] = field(default_factory=list)
     token_details: list[dict] = field(default_factory=list)
     input_token_details: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class GenerationChunk(GenerationResult):
+    """One response: a text delta when streaming, the whole text otherwise."""
+    batch_index: int = 0
+    sequence_index: int = 0
 
 
 class TextgenClient:
