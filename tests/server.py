@@ -12,6 +12,24 @@ from textgen_backend.repository import render_repository
 from textgen_backend.tritonserver import find_tritonserver, server_command, server_environment
 
 
+def wait_until_ready(process: subprocess.Popen, http_port: int, timeout: float, log) -> None:
+    """Waits for the ensemble to be ready on http_port; fails with log() if the process (a
+    tritonserver, or a launcher running one) exits first or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{log()}")
+        try:
+            url = f"http://127.0.0.1:{http_port}/v2/models/ensemble/ready"
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the server is not ready after {timeout}s:\n{log()}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,21 +75,11 @@ class TritonServer:
         return self.process.poll() is None
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n"
-                                   + self._failure_lines())
-            try:
-                url = f"{self.http_url}/v2/models/ensemble/ready"
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"tritonserver not ready after {timeout}s:\n" + self.log()[-5000:])
+        try:
+            wait_until_ready(self.process, self.http_port, timeout, self._failure_lines)
+        except TimeoutError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -3,13 +3,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from server import free_port
+from server import free_port, wait_until_ready
 from textgen_client import TextgenClient
 
 pytestmark = pytest.mark.e2e
@@ -19,21 +17,15 @@ def test_launcher_serves_and_stops_cleanly_on_ctrl_c(tiny_model_dir, tiny_refere
     http, grpc, metrics = free_port(), free_port(), free_port()
     launcher = Path(sys.executable).parent / "textgen-launcher"
     env = {**os.environ, "MAX_TOTAL_TOKENS": "300", "MAX_INPUT_TOKENS": "250"}
-    process = subprocess.Popen(
-        [str(launcher), "--model-id", str(tiny_model_dir), "--hostname", "127.0.0.1",
-         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-         "--model-repository", str(tmp_path / "repo")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    log_path = tmp_path / "launcher.log"
+    with open(log_path, "w") as log:  # a file, not a pipe nobody drains while it serves
+        process = subprocess.Popen(
+            [str(launcher), "--model-id", str(tiny_model_dir), "--hostname", "127.0.0.1",
+             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+             "--model-repository", str(tmp_path / "repo")],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, process.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "launcher did not become ready"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/ensemble/ready")
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_until_ready(process, http, 300, lambda: log_path.read_text()[-3000:])
         # The env var reached the engine config.
         assert '\\"max_total_tokens\\": 300' in (tmp_path / "repo/generator/config.pbtxt").read_text()
         client = TextgenClient(f"127.0.0.1:{grpc}")

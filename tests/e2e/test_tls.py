@@ -21,7 +21,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from server import free_port
+from server import free_port, wait_until_ready
 from textgen_client import TextgenClient
 
 pytestmark = pytest.mark.e2e
@@ -119,15 +119,7 @@ def tls_launcher(tiny_model_dir, tmp_path_factory):
                                    env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "launcher did not become ready"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/ensemble/ready")
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_until_ready(process, http_port, 300, lambda: log_path.read_text()[-3000:])
         yield dict(certs, grpc_url=f"127.0.0.1:{grpc_port}", http_port=http_port,
                    collector=collector, log=log_path)
     finally:
