@@ -36,9 +36,9 @@ from triton.testing import do_bench
 
 try:
     from textgen_kernels import paged_attention as pa
-except ImportError:  # not installed: kernels/ is the package's source directory
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels import paged_attention as pa
+except ImportError:  # not installed: src/ holds the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from textgen_kernels import paged_attention as pa
 
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 DTYPE = torch.bfloat16

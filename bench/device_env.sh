@@ -24,8 +24,8 @@ done
 echo /tmp/torch_site > "$SITE/zz_torch_site.pth"
 mkdir -p /tmp/textgen_pkgs
 ln -sfn "$PWD/src/textgen_backend" /tmp/textgen_pkgs/textgen_backend
-ln -sfn "$PWD/kernels" /tmp/textgen_pkgs/textgen_kernels
-ln -sfn "$PWD/client" /tmp/textgen_pkgs/textgen_client
+ln -sfn "$PWD/src/textgen_kernels" /tmp/textgen_pkgs/textgen_kernels
+ln -sfn "$PWD/src/textgen_client" /tmp/textgen_pkgs/textgen_client
 echo /tmp/textgen_pkgs > "$SITE/textgen.pth"
 tar -C "$SITE" -xJf .carry/tritonserver.tar.xz
 set +e

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from textgen_backend.config import EngineConfig
 from textgen_backend.repository import render_repository
-from textgen_backend.tritonserver import find_tritonserver, server_command, server_environment
+from textgen_backend.tritonserver import find_tritonserver, server_command, start_tritonserver
 
 
 def wait_until_ready(process: subprocess.Popen, http_port: int, timeout: float, log) -> None:
@@ -46,8 +46,8 @@ class TritonServer:
         command = server_command(find_tritonserver(), self.repository, "127.0.0.1",
                                  self.http_port, self.grpc_port, self.metrics_port)
         self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(command, env=server_environment(), stdout=self._log,
-                                        stderr=subprocess.STDOUT)
+        self.process = start_tritonserver(command, self.repository, stdout=self._log,
+                                          stderr=subprocess.STDOUT)
         self._wait_ready(startup_timeout)
 
     @property

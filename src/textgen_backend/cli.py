@@ -9,6 +9,7 @@ from .convert_weights import convert_to_safetensors
 from .demo_model import ensure_demo_model
 from .download import download_weights
 from .gguf_convert import convert_gguf
+from .tritonserver import run_tritonserver
 from .weights import resolve_model_dir
 
 
@@ -60,8 +61,24 @@ def _add_convert_to_safetensors(subcommands) -> None:
     parser.set_defaults(run=run)
 
 
+def _add_tritonserver(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "tritonserver", help="run tritonserver on a rendered repository (build.py) with the "
+                             "environment our models need; Ctrl-C drains as the launcher does",
+        description="Runs tritonserver with the given arguments (e.g. --model-repository DIR) "
+                    "from PATH or the nvidia-pytriton wheel: its Python backend, this "
+                    "virtualenv for the stubs, the interpreter's libpython, the repository as "
+                    "working directory. SIGINT/SIGTERM drain the generator first.")
+    parser.add_argument("--drain-timeout-s", type=float, default=30.0,
+                        help="seconds in-flight requests get on SIGINT/SIGTERM (default 30)")
+    parser.add_argument("args", nargs=argparse.REMAINDER,
+                        help="tritonserver's arguments, e.g. --model-repository /srv/repository")
+    parser.set_defaults(run=lambda args: sys.exit(run_tritonserver(args.args,
+                                                                   args.drain_timeout_s)))
+
+
 _SUBCOMMANDS = (_add_convert_gguf, _add_demo_model, _add_download_weights,
-                _add_convert_to_safetensors)
+                _add_convert_to_safetensors, _add_tritonserver)
 
 
 def main(argv: list[str] | None = None) -> int:

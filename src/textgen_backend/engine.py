@@ -51,9 +51,11 @@ class Engine:
         self.runner = ModelRunner(model, self.model_config, self.device, self.dtype,
                                   config.block_size, eos, config.watermark_gamma,
                                   config.watermark_delta)
+        loaded = time.monotonic()
         self.limits = self._resolve_limits()
         self.runner.allocate_kv_cache(self.limits.num_kv_blocks)
-        if model.layers[0].self_attn.attn.ops.name == "triton":
+        kernels = model.layers[0].self_attn.attn.ops.name
+        if kernels == "triton":
             self._compile_prefill_kernels()
             max_blocks = -(-self.limits.max_total_tokens // config.block_size)
             sizes = [b for b in config.cuda_graph_batch_sizes
@@ -63,9 +65,11 @@ class Engine:
         self.scheduler = Scheduler(self.limits, self.block_manager, eos)
         self._aborted: list[StepOutput] = []
         self.last_step: StepStats | None = None   # the latest step(), if it ran the model
-        logger.info("[textgen] loaded %s (%s, %s, %s kernels) in %.1fs; KV cache: %d tokens",
-                    self.model_config.architecture, self.device, self.dtype,
-                    model.layers[0].self_attn.attn.ops.name, time.monotonic() - started,
+        # What a newcomer waits for, part by part (the launcher logs tritonserver's total).
+        logger.info("[textgen] loaded %s (%s, %s, %s kernels) in %.1fs; KV cache sizing, kernel "
+                    "compilation and warm-up %.1fs; KV cache: %d tokens",
+                    self.model_config.architecture, self.device, self.dtype, kernels,
+                    loaded - started, time.monotonic() - loaded,
                     self.limits.max_batch_total_tokens)
 
     def _load_model(self, model_dir: Path):

@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import signal
-import subprocess
 import sys
 import tempfile
+import threading
+import time
+import urllib.request
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -21,8 +22,8 @@ from textgen_backend.download import download_weights
 from textgen_backend.logs import configure_logging
 from textgen_backend.repository import render_repository
 from textgen_backend.runtime_env import runtime_environment
-from textgen_backend.tritonserver import (find_tritonserver, server_command, server_environment,
-                                          tls_options, tracing_options)
+from textgen_backend.tritonserver import (find_tritonserver, server_command, start_tritonserver,
+                                          supervise, tls_options, tracing_options)
 
 logger = logging.getLogger("textgen")
 
@@ -44,10 +45,16 @@ class ServerConfig:
                                      "http://collector:4318/v1/traces; Triton's tracing).")
     model_repository: str | None = flag("Where to render the model repository "
                                         "(default: a temporary directory).")
+    drain_timeout_s: float = flag("On SIGINT/SIGTERM: seconds the requests in flight get to "
+                                  "finish (new ones are refused) before the rest end with "
+                                  "finish_reason \"cancelled\" and tritonserver stops.",
+                                  default=30.0)
     download_only: bool = flag("Download --model-id into the Hugging Face cache (as `textgen "
                                "download-weights`) and exit.", default=False)
 
     def __post_init__(self):
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         tls_options(self.tls_cert_path, self.tls_key_path, self.tls_client_ca_cert_path)
 
     def tritonserver_options(self) -> list[str]:
@@ -100,11 +107,28 @@ def main(argv: list[str] | None = None) -> int:
                              server.http_port, server.grpc_port, server.metrics_port)
     command += server.tritonserver_options()
     logger.info("[textgen] serving %s from %s", engine.model_id, repository)
-    # tritonserver gets its own session so that a terminal's Ctrl-C reaches it once, from here.
-    process = subprocess.Popen(command, env=server_environment(), start_new_session=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, _: process.send_signal(signum))
-    return process.wait()
+    # tritonserver gets its own session: a terminal's Ctrl-C reaches the supervisor alone.
+    process = start_tritonserver(command, repository, start_new_session=True)
+    threading.Thread(target=_log_when_ready, args=(server, time.monotonic()), daemon=True).start()
+    code = supervise(process, repository, server.drain_timeout_s)
+    logger.info("[textgen] tritonserver exited with code %d", code)
+    return code
+
+
+def _log_when_ready(server: ServerConfig, started: float) -> None:
+    """Logs how long tritonserver took to serve (the generator logs its load and warm-up)."""
+    host = "127.0.0.1" if server.hostname in ("0.0.0.0", "::", "") else server.hostname
+    url = f"http://{host}:{server.http_port}/v2/health/ready"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    logger.info("[textgen] tritonserver ready in %.1fs (model load and warm-up "
+                                "included)", time.monotonic() - started)
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":

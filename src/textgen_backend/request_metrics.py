@@ -6,8 +6,8 @@ computed here, cheaply, and handed to a MetricsPublisher; the engine thread neve
 A sequence's queue and inference times come from `Sequence.scheduled_at`, set by the scheduler.
 
 TGIS's conventions: a request counts once in tgi_request_count (kind "single", "batch" or
-"stream") and in tgi_request_failure (err "validation", "conc_limit", "generate" or
-"cancelled"); each sequence generated to its end counts once in tgi_request_success and in the
+"stream") and in tgi_request_failure (err "validation", "conc_limit", "shutdown",
+"generate" or "cancelled"); each sequence generated to its end counts once in tgi_request_success and in the
 per-sequence histograms.
 """
 from __future__ import annotations
@@ -44,7 +44,8 @@ class RequestMetrics:
     # --- submit (Triton's model thread) -------------------------------------------------------
 
     def refused(self, inputs: dict[str, np.ndarray], err: str) -> None:
-        """A request refused before it was queued (err: "validation" or "conc_limit")."""
+        """A request refused before it was queued (err: "validation", "conc_limit" or
+        "shutdown")."""
         lengths = inputs.get("_input_lengths", np.zeros((0, 1), np.int32)).reshape(-1)
         stream = inputs.get("stream")
         streaming = stream is not None and stream.size > 0 and bool(stream.reshape(-1)[0])

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from textgen_backend.config import EngineConfig
+from textgen_backend.drain import DrainFiles
 from textgen_backend.engine import Engine
 from textgen_backend.metrics import EngineMetrics, MetricsPublisher
 from textgen_backend.output_processor import (Candidate, OutputProcessor, ProcessResult,
@@ -35,10 +36,16 @@ _CANCEL_POLL_SECONDS = 0.05
 
 
 class GenerationService:
-    def __init__(self, config: EngineConfig, metrics_sink, device: torch.device | None = None):
+    def __init__(self, config: EngineConfig, metrics_sink, device: torch.device | None = None,
+                 drain: DrainFiles | None = None):
         """metrics_sink receives every metric update (metrics.TritonMetrics in the server), on a
-        thread of its own."""
+        thread of its own; drain: where a supervisor asks for a graceful shutdown."""
         self.config = config
+        self._drain_files = drain
+        if drain is not None:
+            drain.clear()
+        self._drain_deadline: float | None = None   # set once a drain was requested
+        self._drain_cancelled = False
         self._publisher = MetricsPublisher(metrics_sink)
         self._request_metrics = RequestMetrics(self._publisher)
         self._engine_metrics = EngineMetrics()
@@ -76,6 +83,9 @@ class GenerationService:
         candidates = [self._candidate(p, i, arrival)
                       for p in prompts for i in range(p.params.best_of)]
         with self._lock:
+            if self._drain_deadline is not None:
+                self._request_metrics.refused(inputs, "shutdown")
+                raise RequestError("server is shutting down: no new requests are accepted")
             limit = self.config.max_concurrent_requests
             if self._num_active + len(candidates) > limit:
                 self._request_metrics.refused(inputs, "conc_limit")
@@ -192,6 +202,8 @@ class GenerationService:
                 self._deliver(self.outputs.flush_due())
                 for seq_ids in self.outputs.newly_cancelled():
                     self._abort(seq_ids, "cancelled")
+                if self._drain_files is not None:
+                    self._drain_step(last_poll)
 
     def _deliver(self, result: ProcessResult) -> None:
         for sink, response, error, final in result.sends:
@@ -206,6 +218,24 @@ class GenerationService:
         if finished:
             with self._lock:
                 self._num_active -= finished
+
+    def _drain_step(self, now: float) -> None:
+        """Graceful shutdown, polled by the output thread: refuse new requests once a drain is
+        requested, cancel what is still in flight at its deadline, report when none is left."""
+        if self._drain_deadline is None:
+            timeout = self._drain_files.requested_timeout()
+            if timeout is None:
+                return
+            with self._lock:
+                self._drain_deadline = now + timeout
+            logger.info("[textgen] draining: %d sequences in flight, %.0fs to finish",
+                        self.num_active(), timeout)
+        if not self._drain_cancelled and now >= self._drain_deadline:
+            self._drain_cancelled = True
+            self._abort(list(self.outputs.requests), "cancelled")
+        if self.num_active() == 0 and not self._drain_files.is_drained():
+            logger.info("[textgen] drained")
+            self._drain_files.mark_drained()
 
     def _abort(self, seq_ids: list[int], reason: str) -> None:
         if seq_ids:

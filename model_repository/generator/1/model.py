@@ -1,11 +1,13 @@
 """Triton glue for the generator: validates and enqueues into textgen_backend's
 GenerationService, whose threads stream the responses back through a response sender."""
 import json
+from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
 from textgen_backend import contract
 from textgen_backend.config import EngineConfig
+from textgen_backend.drain import DrainFiles
 from textgen_backend.logs import configure_logging
 from textgen_backend.metrics import GENERATOR_METRICS, TritonMetrics
 from textgen_backend.params import RequestError
@@ -37,7 +39,8 @@ class TritonPythonModel:
         parameters = json.loads(args["model_config"])["parameters"]
         config = EngineConfig.from_json(parameters["engine_config"]["string_value"])
         configure_logging(config.json_output)
-        self.service = GenerationService(config, TritonMetrics(pb_utils, GENERATOR_METRICS))
+        self.service = GenerationService(config, TritonMetrics(pb_utils, GENERATOR_METRICS),
+                                         drain=DrainFiles(Path(args["model_repository"])))
 
     def execute(self, requests):
         for request in requests:

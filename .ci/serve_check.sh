@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The newcomer's path, as the README shows it: `make serve` from the repository root, the chat
+# question through `textgen-client --chat`, then Ctrl-C; no tritonserver may be left behind.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log=$(mktemp)
+# A process group of its own, as a terminal's foreground job: Ctrl-C signals the whole group.
+setsid make serve > "$log" 2>&1 &
+job=$!
+fail() { echo "serve check: $*"; tail -n 60 "$log"; kill -KILL -- "-$job" 2>/dev/null || true; exit 1; }
+for _ in $(seq 900); do
+  curl -sf localhost:8000/v2/models/ensemble/ready > /dev/null && break
+  kill -0 "$job" 2>/dev/null || fail "make serve exited before it was ready"
+  sleep 1
+done
+curl -sf localhost:8000/v2/models/ensemble/ready > /dev/null || fail "not ready after 900 s"
+answer=$(.venv/bin/textgen-client --chat "What is the capital of France?")
+echo "textgen-client: $answer"
+grep -q "Paris" <<< "$answer" || fail "the answer does not name Paris"
+kill -INT -- "-$job"  # Ctrl-C
+for _ in $(seq 120); do kill -0 "$job" 2>/dev/null || break; sleep 1; done
+kill -0 "$job" 2>/dev/null && fail "still running 120 s after Ctrl-C"
+grep -q "tritonserver exited with code 0" "$log" || fail "the launcher did not report a clean exit"
+if pgrep -af "bin/tritonserver"; then fail "a tritonserver process is left"; fi
+echo "serve check: passed ($(grep -c . "$log") log lines)"

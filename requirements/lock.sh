@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# `make lock`: regenerates the lock files from pyproject.toml and requirements/*.in, for CI's
+# platform (CPython 3.11, x86_64 manylinux_2_36 (Debian 12), the CPU torch in /opt/wheels). Exact versions and
+# hashes; installed with `pip install --no-deps --require-hashes` (Makefile).
+set -euo pipefail
+cd "$(dirname "$0")"
+uv=${UV:-uv}
+compile() {
+  "$uv" pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_36 \
+    --generate-hashes --find-links /opt/wheels --custom-compile-command "make lock" "$@"
+}
+# The server's venv: everything pyproject.toml needs (with the test extra) and the CPU torch,
+# resolved together; torch then goes into a lock of its own so a CUDA build can replace it
+# (make install TORCH=...).
+compile ../pyproject.toml --extra test torch-cpu.in -o all.tmp
+python3 - <<'PY'
+import re
+lines = open("all.tmp").read().splitlines(keepends=True)
+header = "".join(l for l in lines if l.startswith("#"))  # uv's header comes first
+blocks = re.split(r"(?m)^(?=[^#\s])", "".join(lines[header.count("\n"):]))
+torch = "".join(b for b in blocks if b.startswith("torch=="))
+open("torch-cpu.lock", "w").write(header + torch)
+open("server.lock", "w").write(header + "".join(b for b in blocks if not b.startswith("torch==")))
+PY
+rm all.tmp
+# tritonserver's wheel without its dependencies, appended to the server's lock.
+compile --no-deps tritonserver.in -o tritonserver.tmp
+sed -n '/^nvidia-pytriton==/,$p' tritonserver.tmp >> server.lock
+rm tritonserver.tmp
+# .venv-bench: genai-perf without its declared dependencies, what it imports with theirs.
+grep -v '^genai-perf' bench.in > bench-deps.tmp
+compile bench-deps.tmp -o bench.lock
+compile --no-deps bench.in -o genai-perf.tmp
+awk '/^genai-perf==/{keep=1; print; next} /^[^ ]/{keep=0} keep' genai-perf.tmp >> bench.lock
+rm bench-deps.tmp genai-perf.tmp
