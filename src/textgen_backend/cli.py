@@ -71,10 +71,10 @@ def _add_tritonserver(subcommands) -> None:
                     "working directory. SIGINT/SIGTERM drain the generator first.")
     parser.add_argument("--drain-timeout-s", type=float, default=30.0,
                         help="seconds in-flight requests get on SIGINT/SIGTERM (default 30)")
-    parser.add_argument("args", nargs=argparse.REMAINDER,
-                        help="tritonserver's arguments, e.g. --model-repository /srv/repository")
-    parser.set_defaults(run=lambda args: sys.exit(run_tritonserver(args.args,
-                                                                   args.drain_timeout_s)))
+    # Every other argument is tritonserver's, in order (main() passes them as args.unknown).
+    parser.set_defaults(run=lambda args: sys.exit(run_tritonserver(args.unknown,
+                                                                   args.drain_timeout_s)),
+                        passes_unknown=True)
 
 
 _SUBCOMMANDS = (_add_convert_gguf, _add_demo_model, _add_download_weights,
@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     subcommands = parser.add_subparsers(dest="command", required=True)
     for add_subcommand in _SUBCOMMANDS:
         add_subcommand(subcommands)
-    args = parser.parse_args(argv)
+    args, args.unknown = parser.parse_known_args(argv)
+    if args.unknown and not getattr(args, "passes_unknown", False):
+        parser.error(f"unrecognized arguments: {' '.join(args.unknown)}")
     # logs go to stderr; stdout carries only command results
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     args.run(args)

@@ -1,0 +1,50 @@
+"""The README's deployment commands, run exactly as written from the repository root: build.py
+renders a repository, `textgen tritonserver` serves it (ports 8000-8002), Ctrl-C drains and
+stops it."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from server import wait_until_ready
+from textgen_client import TextgenClient
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def readme_block(containing: str) -> list[str]:
+    """The command lines of the README's ```bash block that contains `containing`."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    [block] = [b for b in blocks if containing in b]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_readme_deployment_commands_serve_the_demo_model(demo_model_dir, tmp_path):
+    render, serve = readme_block("textgen tritonserver --model-repository")
+    rendered = subprocess.run(render, shell=True, cwd=ROOT, capture_output=True, text=True)
+    assert rendered.returncode == 0, rendered.stderr[-3000:]
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        # exec: the command itself leads its process group, as a terminal's job does, so the
+        # SIGINT below is a Ctrl-C that no intermediate shell turns into its own death.
+        process = subprocess.Popen(["bash", "-c", f"exec {serve}"], cwd=ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_ready(process, 8000, 300, lambda: log_path.read_text()[-3000:])
+        client = TextgenClient("localhost:8001")
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        result = client.generate(json.dumps(question), apply_chat_template=True, max_tokens=30)
+        client.close()
+        assert result.text == "The capital of France is Paris."
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=90) == 0, log_path.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
