@@ -43,7 +43,11 @@ def _spec(name, dtype, dims=(1,), optional=True, doc=""):
 
 
 # --- public inputs of the ensemble ------------------------------------------------------------
-TEXT_INPUT = _spec("text_input", "TYPE_STRING", optional=False,
+# Optional in the ensemble's config although every request needs it: Triton only counts a
+# request's inputs, and a required ensemble input that is missing leaves the tokenizer step
+# unscheduled (an empty response, no error). Optional, the tokenizer step runs and the request
+# is refused naming text_input (by Triton when the step gets no input, else by the tokenizer).
+TEXT_INPUT = _spec("text_input", "TYPE_STRING",
                    doc="Prompt text; B rows = B prompts sharing the other parameters.")
 APPLY_CHAT_TEMPLATE = _spec("apply_chat_template", "TYPE_BOOL",
                             doc="text_input is a JSON list of {role, content} messages, rendered "

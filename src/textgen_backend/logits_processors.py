@@ -37,11 +37,16 @@ def exponential_decay_length_penalty(logits: torch.Tensor, over: torch.Tensor,
                                      decay: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
     """TGIS length penalty (ExponentialDecayLengthPenalty): once a row has generated `over` > 0
     tokens past its start index, its EOS scores grow by |score| * (decay**over - 1).
-    over [B] (<= 0: untouched), decay [B]."""
+    over [B] (<= 0: untouched), decay [B]. Rows whose factor is 0 and non-finite scores (EOS
+    banned by min_tokens or bad words) are left as they are, as transformers does: -inf + inf
+    and -inf * 0 would be NaN, which argmax picks."""
     factor = torch.where(over > 0, decay.pow(over.clamp(min=0).float()) - 1, 0.0)  # [B]
+    # decay**over overflows float32 on long outputs; a finite cap keeps a 0 score at 0.
+    factor = factor.clamp(max=torch.finfo(logits.dtype).max)[:, None]
     eos = logits[:, eos_ids]
+    penalised = eos.isfinite() & (factor != 0)
     logits = logits.clone()
-    logits[:, eos_ids] = eos + eos.abs() * factor[:, None]
+    logits[:, eos_ids] = torch.where(penalised, eos + eos.abs() * factor, eos)
     return logits
 
 
@@ -67,8 +72,18 @@ def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) 
     remove = rank >= top_k[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(remove, _NEG_INF), dim=-1)
     # Drop a token once the tokens ranked before it already reach top_p (the top one stays).
-    remove |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    # Rows at top_p 1 skip it: a float32 cumsum can reach 1 before the tail of the vocab.
+    remove |= ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)
     return torch.empty_like(logits).scatter_(1, order, sorted_logits.masked_fill(remove, _NEG_INF))
+
+
+def infinite_scores_win(logits: torch.Tensor) -> torch.Tensor:
+    """Rows holding +inf scores (an overflowed length penalty, a tiny temperature) become
+    softmax's limit: their +inf tokens tie at 0 and the others drop to -inf. Softmax itself
+    would compute inf - inf = NaN for the whole row."""
+    pos_inf = logits.isposinf()
+    return torch.where(pos_inf.any(dim=-1, keepdim=True),
+                       torch.where(pos_inf, 0.0, _NEG_INF), logits)
 
 
 def min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

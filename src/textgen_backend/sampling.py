@@ -190,7 +190,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
     tokens = logits.argmax(dim=-1)
     r = batch.random
     if r is not None:
-        scaled = logits / r.temperature[:, None]
+        scaled = lp.infinite_scores_win(logits / r.temperature[:, None])
         if r.any_top_k_p:
             scaled = lp.top_k_top_p(scaled, r.top_k, r.top_p)
         if r.any_min_p:
@@ -228,4 +228,6 @@ def _uniform(batch: RandomSampling, vocab: int, device: torch.device) -> torch.T
     key = _fmix32(key ^ ((batch.step * 0x632BE5AB) & _M32))[:, None]
     token = torch.arange(vocab, device=device, dtype=torch.int64)[None, :]
     bits = _fmix32(key ^ _fmix32(token + 0x7F4A7C15)) >> 8  # 24 random bits
-    return (bits.float() + 0.5) / float(1 << 24)
+    # In float32 the top value rounds to 1: the race's E = -log(1) = 0 would give p / 0 = inf,
+    # and NaN for a token of probability 0 (banned or truncated), which argmax picks.
+    return ((bits.float() + 0.5) / float(1 << 24)).clamp(max=1 - 2**-24)

@@ -1,12 +1,17 @@
 """Loading the model's tokenizer and turning prompts (plain or chat) into token ids."""
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
 import numpy as np
 
+from textgen_backend import contract
 from textgen_backend.params import RequestError
+
+# Every tensor a client may send, to the ensemble or to the tokenizer (Tokenize API).
+_INPUT_NAMES = sorted({s.name for s in contract.ENSEMBLE_INPUTS + contract.TOKENIZER_INPUTS})
 
 
 def load_tokenizer(model_dir: Path, tokenizer_config_path: str | None = None,
@@ -50,16 +55,37 @@ def _render_chat(tokenizer, text: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def check_parameters(parameters_json: str) -> None:
+    """Refuses request parameters (`request.parameters()`, a JSON object). Ours are all input
+    tensors; Triton's HTTP `generate` turns every JSON key that names no input into a
+    parameter, so a key here is misspelled or unsupported, and ignoring it would serve the
+    request with defaults. Triton consumes its reserved keys over gRPC and HTTP `infer`
+    (sequence_id, priority, timeout, triton_*); `generate` passes its request "id" on too."""
+    unknown = sorted(set(json.loads(parameters_json or "{}")) - {"id"})
+    if unknown:
+        named = ", ".join(f"{name!r}{_did_you_mean(name)}" for name in unknown)
+        raise RequestError(f"unknown parameter{'s' * (len(unknown) > 1)} {named}: the "
+                           f"parameters are the inputs listed in docs/request-reference.md")
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, _INPUT_NAMES, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def tokenize_request(tokenizer, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The tokenizer model's work for one request (also TGIS's Tokenize API).
 
     inputs: text_input [B, 1] and optional apply_chat_template, truncate_input_tokens
-    (keep the last N tokens; 0 keeps all), return_tokens, return_offsets ([B, 1] or [1, 1]).
+    (keep the last N tokens; 0 keeps all), return_tokens, return_offsets ([B, 1]: Triton
+    refuses other row counts before the model runs).
     Returns the generator's inputs (_input_ids [B, L] padded with 0, _input_lengths,
     _prompt_text: the text of the kept tokens) and the API's outputs (token_count, input_ids,
     tokens padded with "", offsets [B, L, 2] padded with -1; tokens and offsets are empty
     unless asked for).
     """
+    if "text_input" not in inputs:
+        raise RequestError("text_input is required (the prompt, STRING [B, 1])")
     texts = inputs["text_input"].reshape(-1)
     batch = len(texts)
 

@@ -88,9 +88,35 @@ def _tritonservers_of(repository: Path) -> str:
     return "\n".join(l for l in listing.stdout.splitlines() if str(repository) in l)
 
 
+def _overload(grpc: int, requests: int) -> int:
+    """`requests` concurrent generations; returns how many were refused as overloaded."""
+    refused = []
+
+    def one():
+        client = TextgenClient(f"127.0.0.1:{grpc}")
+        try:
+            client.generate("Hello", max_tokens=40)
+        except Exception as exc:  # noqa: BLE001 - the refusal is what is counted
+            refused.append("overloaded" in str(exc))
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=one) for _ in range(requests)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(refused), "a request failed for another reason than overload"
+    return len(refused)
+
+
 def test_launcher_drains_streams_in_flight_on_ctrl_c(tiny_model_dir, tiny_reference, tmp_path):
-    process, grpc, http, endpoints, log_path = _launch(tiny_model_dir, tmp_path)
+    process, grpc, http, endpoints, log_path = _launch(tiny_model_dir, tmp_path,
+                                                       "--max-concurrent-requests", "8")
     try:
+        # An overload episode first: refused requests must leave nothing in flight that would
+        # hold up the stop below.
+        assert _overload(grpc, 40) >= 20
         # The env var reached the engine config.
         assert '\\"max_total_tokens\\": 512' in (tmp_path / "repo/generator/config.pbtxt").read_text()
         client = TextgenClient(f"127.0.0.1:{grpc}")

@@ -77,3 +77,30 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(family):
                           StoppingParams(max_tokens=16))
     run(engine, [other_seed])
     assert other_seed.output_ids != alone
+
+
+def test_mixed_parameters_in_a_batch_give_each_request_its_output_alone(family):
+    """Issue 10: a length penalty on one request turned another's banned EOS into NaN, which
+    greedy argmax chose (an EOS before min_tokens)."""
+    model_dir, _ = family
+    engine = Engine(EngineConfig(model_id=str(model_dir)), model_dir)
+    requests = [
+        (SamplingParams(length_penalty=(2, 1.5)), StoppingParams(max_tokens=12)),
+        (SamplingParams(), StoppingParams(max_tokens=12, min_tokens=8)),
+        (SamplingParams(length_penalty=(0, 1.2)), StoppingParams(max_tokens=12, min_tokens=9)),
+        (SamplingParams(length_penalty=(0, 1.0)), StoppingParams(max_tokens=12, min_tokens=4)),
+        (SamplingParams(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, min_p=0.05,
+                        repetition_penalty=1.3, frequency_penalty=0.5, bad_words_ids=((1,),),
+                        watermark=True, seed=7), StoppingParams(max_tokens=12, min_tokens=3)),
+    ]
+
+    def outputs(first_id, batch):
+        seqs = [Sequence(first_id + i, PROMPTS[i], sampling, stopping)
+                for i, (sampling, stopping) in batch]
+        run(engine, seqs)
+        return [s.output_ids for s in seqs]
+
+    together = outputs(0, list(enumerate(requests)))
+    assert together == [outputs(100 * (i + 1), [(i, r)])[0] for i, r in enumerate(requests)]
+    for output, (_, stopping) in zip(together, requests):
+        assert len(output) >= stopping.min_tokens

@@ -118,3 +118,66 @@ def test_logprobs_ranks_and_top_n_come_from_the_model_distribution(logits):
         top = log_probs[row].topk(3)
         assert out.top_ids[row] == top.indices.tolist()
         assert out.top_logprobs[row] == pytest.approx(top.values.tolist(), abs=1e-6)
+
+
+def test_length_penalty_leaves_banned_eos_and_rows_without_a_factor_as_they_are(logits):
+    """Issue 10: -inf * 0 and -inf + inf were NaN, which greedy argmax picked."""
+    eos = 2
+    banned = logits.clone()
+    banned[:2, eos] = float("-inf")  # rows 0, 1: EOS banned (min_tokens, bad words)
+    over, decay = torch.tensor([3, 0, 0]), torch.tensor([1.5, 1.5, 1.0])  # factor > 0, 0, 0
+    ours = lp.exponential_decay_length_penalty(banned, over, decay, torch.tensor([eos]))
+    theirs = hf.ExponentialDecayLengthPenalty((0, 1.5), eos, 0)(
+        torch.zeros(1, 3, dtype=torch.long), banned[:1].clone())
+    assert torch.equal(ours[0], theirs[0])
+    assert ours[0, eos] == float("-inf")
+    assert torch.equal(ours[1:], banned[1:])
+
+
+def test_length_penalty_of_decay_1_is_a_no_op(logits):
+    scores = logits.clone()
+    scores[0, 2] = float("-inf")  # EOS banned before min_tokens
+    ours = lp.exponential_decay_length_penalty(scores, torch.tensor([5, 1, 9]),
+                                               torch.tensor([1.0, 1.0, 1.0]), torch.tensor([2]))
+    assert torch.equal(ours, scores)
+
+
+def test_overflowing_length_penalty_never_makes_nan(logits):
+    eos = torch.tensor([2, 3])
+    scores = logits.clone()
+    scores[:, 2], scores[:, 3] = 0.0, -3.0  # decay**over overflows float32: 0 * inf was NaN
+    ours = lp.exponential_decay_length_penalty(scores, torch.tensor([1000] * 3),
+                                               torch.tensor([10.0] * 3), eos)
+    assert torch.equal(ours[:, 2], torch.zeros(3))
+    assert torch.equal(ours[:, 3], torch.full((3,), float("inf")))
+
+
+def test_a_sampled_row_with_infinite_eos_samples_eos(logits):
+    eos = 2
+    scores = logits[:1].clone()
+    scores[0, eos] = -3.0
+    seq = Sequence(0, [1], SamplingParams(do_sample=True, top_k=5, typical_p=0.9, min_p=0.1,
+                                          length_penalty=(0, 10.0), seed=3),
+                   StoppingParams(max_tokens=200), output_ids=[4] * 100)
+    out = sample(scores, build_sampling_batch([seq], (eos,), V, torch.device("cpu")))
+    assert out.token_ids == [eos]  # softmax of a +inf score was NaN everywhere: token 0
+
+
+def test_top_p_of_1_keeps_every_token(logits):
+    # A dominant token gets probability 1.0 in float32: the cumsum reaches 1 at the tail.
+    scores = logits.clone()
+    scores[:, 0] = 30.0
+    top_k, top_p = torch.tensor([V, V, 3]), torch.tensor([1.0, 1.0, 0.5])
+    ours = lp.top_k_top_p(scores, top_k, top_p)
+    assert torch.equal(ours[:2], scores[:2])
+    assert torch.isinf(ours[2]).sum() == V - 1  # row 2 keeps its top token only
+
+
+def test_the_exponential_race_never_picks_a_token_of_probability_0():
+    # At seed 2939170 and step 3, token 13 draws the top 24-bit value, whose float32
+    # uniform rounded to 1: E = 0 and p / E = 0 / 0 = NaN for a truncated token.
+    scores = torch.arange(16, 0, -1, dtype=torch.float32)  # token 13 is far from the top
+    seq = Sequence(0, [1], SamplingParams(do_sample=True, top_k=1, seed=2939170),
+                   StoppingParams(), output_ids=[4, 5, 6])
+    out = sample(scores[None], build_sampling_batch([seq], (), 16, torch.device("cpu")))
+    assert out.token_ids == [0]

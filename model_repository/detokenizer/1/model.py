@@ -1,13 +1,23 @@
 """Triton glue for the detokenizer: passes the generator's text deltas on as the public outputs,
 and relays a client's cancellation to the generator (Triton does not tell a decoupled model
 inside an ensemble that its client cancelled; this step is the first to see it)."""
+from collections import OrderedDict
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from textgen_backend import contract
 
+# Sequence ids already relayed, remembered for this many: a cancelled stream's responses that
+# were already on their way arrive here one by one, and relaying each again (a blocking call to
+# the generator) slowed this single instance until cancellations arrived after generation ended.
+_RELAYED_MEMORY = 4096
+
 
 class TritonPythonModel:
+    def initialize(self, args):
+        self._relayed = OrderedDict()
+
     def execute(self, requests):
         responses = []
         for request in requests:
@@ -24,6 +34,12 @@ class TritonPythonModel:
 
     def _relay_cancel(self, request):
         seq_id = pb_utils.get_input_tensor_by_name(request, contract.SEQUENCE_ID.name).as_numpy()
+        key = int(seq_id.reshape(-1)[0])
+        if key in self._relayed:
+            return
+        self._relayed[key] = None
+        if len(self._relayed) > _RELAYED_MEMORY:
+            self._relayed.popitem(last=False)
         cancel = pb_utils.InferenceRequest(
             model_name="generator",
             inputs=[pb_utils.Tensor(contract.CANCEL_ID.name, seq_id.reshape(-1, 1).astype(np.uint64))],

@@ -11,7 +11,7 @@ from textgen_backend.logs import configure_logging
 from textgen_backend.metrics import (TOKENIZE_METRICS, MetricsPublisher, TritonMetrics,
                                      tokenize_updates)
 from textgen_backend.params import RequestError
-from textgen_backend.tokenizer import load_tokenizer, tokenize_request
+from textgen_backend.tokenizer import check_parameters, load_tokenizer, tokenize_request
 from textgen_backend.weights import resolve_model_dir
 
 
@@ -28,16 +28,17 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            inputs = {}
-            for spec in contract.TOKENIZER_INPUTS:
-                tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
-                if tensor is not None:
-                    inputs[spec.name] = tensor.as_numpy()
             started = time.monotonic()
             try:
-                outputs = tokenize_request(self.tokenizer, inputs)
+                check_parameters(request.parameters())
+                outputs = tokenize_request(self.tokenizer, _inputs(request))
             except RequestError as exc:
-                responses.append(_error(str(exc)))
+                if len(requests) == 1:
+                    # Only a raised error counts in nv_inference_request_failure (an error
+                    # response counts as a success). It fails every request of this call:
+                    # config.pbtxt has no dynamic batching, so that is this one alone.
+                    raise pb_utils.TritonModelException(str(exc)) from None
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
                 continue
             lengths = outputs["_input_lengths"]
             self.metrics.publish(tokenize_updates(len(lengths), int(lengths.sum()),
@@ -50,5 +51,10 @@ class TritonPythonModel:
         self.metrics.close()
 
 
-def _error(message):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+def _inputs(request):
+    inputs = {}
+    for spec in contract.TOKENIZER_INPUTS:
+        tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+        if tensor is not None:
+            inputs[spec.name] = tensor.as_numpy()
+    return inputs
