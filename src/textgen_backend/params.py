@@ -1,6 +1,7 @@
 """Per-request generation parameters, validated when built (errors name the parameter)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 DEFAULT_MAX_TOKENS = 20  # TGIS's default max_new_tokens
@@ -30,6 +31,11 @@ class SamplingParams:
     watermark: bool = False
 
     def __post_init__(self):
+        # NaN passes every `<` check below; one NaN would make its row's scores NaN.
+        for name in ("temperature", "top_p", "typical_p", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise RequestError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise RequestError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
