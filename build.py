@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # usable befor
 
 from textgen_backend.config import (EngineConfig, FlagHelpFormatter, add_flags,  # noqa: E402
                                     from_flags)
-from textgen_backend.repository import render_repository  # noqa: E402
+from textgen_backend.cli.repository import render_repository  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ from common import (LLAMA3_8B, Timer, hf_llama3_8b, kv_bytes_per_token, llama3_8
 
 def engine_decode_ms(batches, context, steps, max_batch):
     from textgen_backend.config import EngineConfig
-    from textgen_backend.engine import Engine
+    from textgen_backend.engine.engine import Engine
 
     total = context + steps + 16
     config = EngineConfig(model_id=str(llama3_8b_dir()), load_format="dummy", dtype="bfloat16",

@@ -174,7 +174,7 @@ def tune(batches, budget_s: float, save: str | None) -> None:
 
 def engine_decode_ms(quantize, batches, context, steps):
     from textgen_backend.config import EngineConfig
-    from textgen_backend.engine import Engine
+    from textgen_backend.engine.engine import Engine
 
     total = context + steps + 16
     max_batch = max(batches)

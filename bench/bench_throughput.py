@@ -43,9 +43,9 @@ def engine_config(model_dir: Path, **overrides):
 
 
 def in_process(model_dir: Path, requests, profile_steps: int = 40) -> dict:
-    from textgen_backend.engine import Engine
-    from textgen_backend.params import SamplingParams, StoppingParams
-    from textgen_backend.sequence import Sequence
+    from textgen_backend.engine.engine import Engine
+    from textgen_backend.sampling.params import SamplingParams, StoppingParams
+    from textgen_backend.engine.sequence import Sequence
 
     engine = Engine(engine_config(model_dir), model_dir)
     rng = np.random.default_rng(1)
@@ -97,7 +97,7 @@ def gpu_busy_fraction(engine, seqs, steps: int) -> float:
     copy of the first sequences; the profiler's own overhead makes this a lower bound)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from textgen_backend.sequence import Sequence
+    from textgen_backend.engine.sequence import Sequence
 
     for s in seqs:
         engine.add(Sequence(-2 - s.seq_id, s.prompt_ids, s.sampling, s.stopping))

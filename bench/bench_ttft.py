@@ -17,9 +17,9 @@ from common import (LLAMA3_8B, Timer, hf_llama3_8b, llama3_8b_dir, measure_ceili
 
 def engine_ttft_ms(lengths, repeats):
     from textgen_backend.config import EngineConfig
-    from textgen_backend.engine import Engine
-    from textgen_backend.params import SamplingParams, StoppingParams
-    from textgen_backend.sequence import Sequence
+    from textgen_backend.engine.engine import Engine
+    from textgen_backend.sampling.params import SamplingParams, StoppingParams
+    from textgen_backend.engine.sequence import Sequence
 
     longest = max(lengths)
     config = EngineConfig(model_id=str(llama3_8b_dir()), load_format="dummy", dtype="bfloat16",

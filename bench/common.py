@@ -55,8 +55,8 @@ def time_decode(engine, batch: int, context: int, steps: int, rng) -> tuple[floa
     `context` random prompt tokens; every sequence decodes in every timed step."""
     import triton.testing
 
-    from textgen_backend.params import SamplingParams, StoppingParams
-    from textgen_backend.sequence import Sequence
+    from textgen_backend.sampling.params import SamplingParams, StoppingParams
+    from textgen_backend.engine.sequence import Sequence
 
     seqs = [Sequence(1000 * batch + i, [rng.randrange(128000) for _ in range(context)],
                      SamplingParams(), StoppingParams(max_tokens=steps + 8, ignore_eos=True))

@@ -1,6 +1,6 @@
 """The tests' own GPTQ / AWQ packer: round-to-nearest quantization of a model's projections,
 packed as AutoGPTQ / GPTQModel / AutoAWQ write checkpoints, and the dense dequantized twin that
-transformers runs as the reference. Written independently of textgen_backend.quantization
+transformers runs as the reference. Written independently of textgen_backend.weights.quantization
 (numpy uint32 words, explicit loops), so that a shared misreading of a format cannot cancel out.
 """
 from __future__ import annotations

@@ -8,8 +8,8 @@ import urllib.request
 from pathlib import Path
 
 from textgen_backend.config import EngineConfig
-from textgen_backend.repository import render_repository
-from textgen_backend.tritonserver import find_tritonserver, server_command, start_tritonserver
+from textgen_backend.cli.repository import render_repository
+from textgen_backend.cli.tritonserver import find_tritonserver, server_command, start_tritonserver
 
 
 def wait_until_ready(process: subprocess.Popen, http_port: int, timeout: float, log) -> None:

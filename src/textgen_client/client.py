@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from textgen_backend import contract
+from textgen_backend.serving import contract
 
 _SPECS = {spec.name: spec for spec in contract.ENSEMBLE_INPUTS}
 

@@ -1,6 +1,6 @@
 """Fused dequantize + matmul for 4-bit (and 8-bit) GPTQ / AWQ weights, in one internal layout.
 
-Layout (`textgen_backend.quantization` converts GPTQ and AWQ checkpoints into it):
+Layout (`textgen_backend.weights.quantization` converts GPTQ and AWQ checkpoints into it):
   qweight [K // PACK, N] int32: PACK = 32 // BITS values of column n per word; weight row
           k = r * PACK + i sits in word row r at bits [BITS * i, BITS * (i + 1)) (GPTQ's order).
   scales  [G, N] float16 / bfloat16 / float32 and zeros [G, N] float16 (integer zero points):

@@ -75,7 +75,7 @@ def small_kv_server(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_model_dir():
-    from textgen_backend.demo_model import ensure_demo_model
+    from textgen_backend.weights.demo_model import ensure_demo_model
     return ensure_demo_model()
 
 

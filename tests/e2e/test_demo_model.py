@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from textgen_backend.demo_model import ensure_demo_model
+from textgen_backend.weights.demo_model import ensure_demo_model
 
 pytestmark = pytest.mark.e2e
 

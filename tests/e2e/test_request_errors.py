@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from conftest import scrape_metrics, settled_metrics
-from textgen_backend import contract
+from textgen_backend.serving import contract
 from textgen_client import TextgenClient, TextgenError
 
 pytestmark = pytest.mark.e2e

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from textgen_backend import logits_processors as lp
+from textgen_backend.sampling import logits_processors as lp
 from textgen_client import TextgenError
 
 pytestmark = pytest.mark.e2e

@@ -7,11 +7,11 @@ differently, so at the first mismatch each side's token must be among the other'
 import pytest
 import torch
 
-from textgen_backend import model_runner
+from textgen_backend.engine import model_runner
 from textgen_backend.config import EngineConfig
-from textgen_backend.engine import Engine
-from textgen_backend.params import SamplingParams, StoppingParams
-from textgen_backend.sequence import Sequence
+from textgen_backend.engine.engine import Engine
+from textgen_backend.sampling.params import SamplingParams, StoppingParams
+from textgen_backend.engine.sequence import Sequence
 from tiny_models import build_tiny_model
 
 pytestmark = [pytest.mark.gpu,

@@ -101,7 +101,7 @@ def test_quantized_linear_kernel_path_equals_reference_path(rand, device):
     reference (the engine's CPU path)."""
     from textgen_backend.layers.ops import TORCH_OPS
     from textgen_backend.layers.quantized_linear import QuantizedLinear
-    from textgen_backend.quantization import QuantConfig
+    from textgen_backend.weights.quantization import QuantConfig
 
     with torch.device(device):
         layer = QuantizedLinear(64, 48, True, TORCH_OPS, QuantConfig("gptq", group_size=32))

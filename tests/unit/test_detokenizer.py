@@ -2,7 +2,7 @@
 import pytest
 
 import assets
-from textgen_backend.detokenizer import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer
+from textgen_backend.serving.detokenizer import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer
 
 pytestmark = pytest.mark.unit
 

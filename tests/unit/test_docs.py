@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from textgen_backend import contract
+from textgen_backend.serving import contract
 
 pytestmark = pytest.mark.unit
 REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "request-reference.md"
@@ -15,4 +15,14 @@ def test_reference_table_has_a_row_for_every_public_tensor():
               + contract.TOKENIZE_API_OUTPUTS)
     missing = [spec.name for spec in public if f"| `{spec.name}`" not in text
                and f"`{spec.name}` (alias" not in text and f"(alias `{spec.name}`)" not in text]
+    assert missing == []
+
+
+def test_architecture_map_names_every_module_of_the_tree():
+    architecture = (REFERENCE.parent / "ARCHITECTURE.md").read_text()
+    package = REFERENCE.parents[1] / "src" / "textgen_backend"
+    rooms = {p.name for p in package.iterdir() if (p / "__init__.py").exists()}
+    missing = [f"{room}/" for room in rooms if f"textgen_backend/{room}/" not in architecture]
+    missing += [str(p.relative_to(package)) for p in package.rglob("*.py")
+                if p.name != "__init__.py" and f"`{p.name}`" not in architecture]
     assert missing == []

@@ -13,9 +13,9 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from textgen_backend import gguf_convert
-from textgen_backend.cli import main as cli_main
-from textgen_backend.gguf_convert import COMPLETE_MARKER, convert_gguf, convert_gguf_cached
+from textgen_backend.weights import gguf_convert
+from textgen_backend.cli.textgen import main as cli_main
+from textgen_backend.weights.gguf_convert import COMPLETE_MARKER, convert_gguf, convert_gguf_cached
 
 pytestmark = pytest.mark.unit
 

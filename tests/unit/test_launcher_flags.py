@@ -6,10 +6,10 @@ import logging
 import pytest
 
 from textgen_backend.config import EngineConfig, from_flags
-from textgen_backend.launcher import ServerConfig, build_parser
-from textgen_backend.logs import configure_logging
-from textgen_backend.runtime_env import runtime_environment
-from textgen_backend.tritonserver import tls_options, tracing_options
+from textgen_backend.cli.launcher import ServerConfig, build_parser
+from textgen_backend.cli.logs import configure_logging
+from textgen_backend.cli.runtime_env import runtime_environment
+from textgen_backend.cli.tritonserver import tls_options, tracing_options
 
 pytestmark = pytest.mark.unit
 

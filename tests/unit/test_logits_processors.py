@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers.generation import logits_process as hf
 
-from textgen_backend import logits_processors as lp
-from textgen_backend.params import DetailsParams, SamplingParams, StoppingParams
-from textgen_backend.sampling import build_sampling_batch, sample
-from textgen_backend.sequence import Sequence
+from textgen_backend.sampling import logits_processors as lp
+from textgen_backend.sampling.params import DetailsParams, SamplingParams, StoppingParams
+from textgen_backend.sampling.sampler import build_sampling_batch, sample
+from textgen_backend.engine.sequence import Sequence
 
 pytestmark = pytest.mark.unit
 V = 50

@@ -4,9 +4,10 @@ import threading
 
 import pytest
 
-from textgen_backend.metrics import (ENGINE_METRICS, GENERATOR_METRICS, TOKENIZE_METRICS,
-                                     EngineMetrics, EngineStats, MetricsPublisher, StepStats,
-                                     TritonMetrics, tokenize_updates)
+from textgen_backend.engine.stats import EngineStats, StepStats
+from textgen_backend.serving.metrics import (ENGINE_METRICS, GENERATOR_METRICS, TOKENIZE_METRICS,
+                                             EngineMetrics, MetricsPublisher, TritonMetrics,
+                                             tokenize_updates)
 
 pytestmark = pytest.mark.unit
 

@@ -4,10 +4,10 @@ import time
 import pytest
 
 from assets import byte_level_bpe_tokenizer
-from textgen_backend.output_processor import Candidate, OutputProcessor
-from textgen_backend.params import DetailsParams, RequestParams, SamplingParams, StoppingParams
-from textgen_backend.request import Prompt
-from textgen_backend.scheduler import StepOutput, TokenLogprob
+from textgen_backend.serving.output_processor import Candidate, OutputProcessor
+from textgen_backend.sampling.params import DetailsParams, RequestParams, SamplingParams, StoppingParams
+from textgen_backend.serving.request import Prompt
+from textgen_backend.engine.scheduler import StepOutput, TokenLogprob
 
 pytestmark = pytest.mark.unit
 

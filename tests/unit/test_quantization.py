@@ -9,14 +9,14 @@ import torch
 
 from quant_checkpoints import dequantize, pack_gptq, quantize_rtn, write_quantized
 from textgen_backend.config import EngineConfig
-from textgen_backend.engine import Engine
+from textgen_backend.engine.engine import Engine
 from textgen_backend.layers.ops import TORCH_OPS
 from textgen_backend.layers.quantized_linear import QuantizedLinear
-from textgen_backend.params import SamplingParams, StoppingParams
-from textgen_backend.quantization import (QuantConfig, act_order_permutation,
-                                          decode_checkpoint_layer, read_quant_config,
-                                          resolve_quant_config, unpack_columns, unpack_rows)
-from textgen_backend.sequence import Sequence
+from textgen_backend.sampling.params import SamplingParams, StoppingParams
+from textgen_backend.weights.quantization import (QuantConfig, act_order_permutation,
+                                                  decode_checkpoint_layer, read_quant_config,
+                                                  resolve_quant_config, unpack_columns, unpack_rows)
+from textgen_backend.engine.sequence import Sequence
 from tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.unit

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from textgen_backend import contract
+from textgen_backend.serving import contract
 from textgen_backend.config import EngineConfig
-from textgen_backend.repository import MODELS, TemplateError, render_repository, render_template
+from textgen_backend.cli.repository import MODELS, TemplateError, render_repository, render_template
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from textgen_backend.config import EngineConfig, EngineLimits
-from textgen_backend.params import RequestError
-from textgen_backend.request import parse_prompts
+from textgen_backend.sampling.params import RequestError
+from textgen_backend.serving.request import parse_prompts
 
 pytestmark = pytest.mark.unit
 

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from textgen_backend import request_metrics
-from textgen_backend.request_metrics import RequestMetrics, request_kind
+from textgen_backend.serving import request_metrics
+from textgen_backend.serving.request_metrics import RequestMetrics, request_kind
 
 pytestmark = pytest.mark.unit
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from textgen_backend.config import EngineConfig
-from textgen_backend.engine import Engine
+from textgen_backend.engine.engine import Engine
 from textgen_backend.layers.rotary import rope_cos_sin_cache
-from textgen_backend.model_config import ModelConfig
-from textgen_backend.params import SamplingParams, StoppingParams
-from textgen_backend.sequence import Sequence
+from textgen_backend.models.config import ModelConfig
+from textgen_backend.sampling.params import SamplingParams, StoppingParams
+from textgen_backend.engine.sequence import Sequence
 from tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.unit

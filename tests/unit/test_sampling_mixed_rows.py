@@ -5,9 +5,9 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from textgen_backend.params import DetailsParams, SamplingParams, StoppingParams
-from textgen_backend.sampling import build_sampling_batch, sample
-from textgen_backend.sequence import Sequence
+from textgen_backend.sampling.params import DetailsParams, SamplingParams, StoppingParams
+from textgen_backend.sampling.sampler import build_sampling_batch, sample
+from textgen_backend.engine.sequence import Sequence
 
 pytestmark = pytest.mark.unit
 V = 24

@@ -1,11 +1,11 @@
 import pytest
 
-from textgen_backend.block_manager import BlockManager
+from textgen_backend.engine.block_manager import BlockManager
 from textgen_backend.config import EngineLimits
-from textgen_backend.params import SamplingParams, StoppingParams
-from textgen_backend.sampling import SampleOutput
-from textgen_backend.scheduler import Scheduler
-from textgen_backend.sequence import Sequence, SequenceStatus
+from textgen_backend.sampling.params import SamplingParams, StoppingParams
+from textgen_backend.sampling.sampler import SampleOutput
+from textgen_backend.engine.scheduler import Scheduler
+from textgen_backend.engine.sequence import Sequence, SequenceStatus
 
 pytestmark = pytest.mark.unit
 

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from textgen_backend.stopping import StopSequenceMatcher
+from textgen_backend.serving.stopping import StopSequenceMatcher
 
 pytestmark = pytest.mark.unit
 

@@ -3,8 +3,8 @@ text_input (the server-side behaviour is in tests/e2e/test_request_errors.py).""
 import numpy as np
 import pytest
 
-from textgen_backend.params import RequestError
-from textgen_backend.tokenizer import check_parameters, tokenize_request
+from textgen_backend.sampling.params import RequestError
+from textgen_backend.serving.tokenizer import check_parameters, tokenize_request
 
 pytestmark = pytest.mark.unit
 

@@ -7,12 +7,12 @@ import huggingface_hub
 import pytest
 import torch
 
-from textgen_backend import cli
+from textgen_backend.cli import textgen as cli
 from textgen_backend.config import EngineConfig
-from textgen_backend.convert_weights import unshared
-from textgen_backend.download import download_weights
-from textgen_backend.engine import Engine
-from textgen_backend.weights import iterate_weights
+from textgen_backend.weights.convert_weights import unshared
+from textgen_backend.weights.download import download_weights
+from textgen_backend.engine.engine import Engine
+from textgen_backend.weights.loading import iterate_weights
 from tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.unit

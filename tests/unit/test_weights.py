@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from textgen_backend.weights import iterate_weights, resolve_model_dir
+from textgen_backend.weights.loading import iterate_weights, resolve_model_dir
 
 pytestmark = pytest.mark.unit
 

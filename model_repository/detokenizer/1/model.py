@@ -6,7 +6,7 @@ from collections import OrderedDict
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from textgen_backend import contract
+from textgen_backend.serving import contract
 
 # Sequence ids already relayed, remembered for this many: a cancelled stream's responses that
 # were already on their way arrive here one by one, and relaying each again (a blocking call to

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from textgen_backend import contract
+from textgen_backend.serving import contract
 from textgen_backend.config import EngineConfig
-from textgen_backend.drain import DrainFiles
-from textgen_backend.logs import configure_logging
-from textgen_backend.metrics import GENERATOR_METRICS, TritonMetrics
-from textgen_backend.params import RequestError
-from textgen_backend.service import GenerationService
+from textgen_backend.serving.drain import DrainFiles
+from textgen_backend.cli.logs import configure_logging
+from textgen_backend.serving.metrics import GENERATOR_METRICS, TritonMetrics
+from textgen_backend.sampling.params import RequestError
+from textgen_backend.serving.service import GenerationService
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 

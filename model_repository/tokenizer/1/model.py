@@ -1,18 +1,18 @@
 """Triton glue for the tokenizer: text_input rows -> padded token ids, and TGIS's Tokenize API
-when called on its own (textgen_backend.tokenizer does the work)."""
+when called on its own (textgen_backend.serving.tokenizer does the work)."""
 import json
 import time
 
 import triton_python_backend_utils as pb_utils
 
-from textgen_backend import contract
+from textgen_backend.serving import contract
 from textgen_backend.config import EngineConfig
-from textgen_backend.logs import configure_logging
-from textgen_backend.metrics import (TOKENIZE_METRICS, MetricsPublisher, TritonMetrics,
-                                     tokenize_updates)
-from textgen_backend.params import RequestError
-from textgen_backend.tokenizer import check_parameters, load_tokenizer, tokenize_request
-from textgen_backend.weights import resolve_model_dir
+from textgen_backend.cli.logs import configure_logging
+from textgen_backend.serving.metrics import (TOKENIZE_METRICS, MetricsPublisher, TritonMetrics,
+                                             tokenize_updates)
+from textgen_backend.sampling.params import RequestError
+from textgen_backend.serving.tokenizer import check_parameters, load_tokenizer, tokenize_request
+from textgen_backend.weights.loading import resolve_model_dir
 
 
 class TritonPythonModel:

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from textgen_backend.layers.ops import Ops
-from textgen_backend.quantization import (QUANT_TENSORS, QuantConfig, act_order_permutation,
-                                          decode_checkpoint_layer, pack_rows)
+from textgen_backend.weights.quantization import (QUANT_TENSORS, QuantConfig, act_order_permutation,
+                                                  decode_checkpoint_layer, pack_rows)
 from textgen_kernels.quant_matmul import quant_matmul, quant_matmul_reference
 
 

@@ -2,11 +2,11 @@
 from torch import nn
 
 from textgen_backend.layers.ops import Ops
-from textgen_backend.model_config import ModelConfig
+from textgen_backend.models.config import ModelConfig
 from textgen_backend.models.llama import LlamaForCausalLM
 from textgen_backend.models.mistral import MistralForCausalLM
 from textgen_backend.models.qwen2 import Qwen2ForCausalLM
-from textgen_backend.quantization import QuantConfig
+from textgen_backend.weights.quantization import QuantConfig
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,

@@ -15,8 +15,8 @@ from textgen_backend.layers.ops import Ops
 from textgen_backend.layers.quantized_linear import QuantizedWeightLoader, make_linear
 from textgen_backend.layers.rmsnorm import RMSNorm
 from textgen_backend.layers.rotary import RotaryEmbedding
-from textgen_backend.model_config import ModelConfig
-from textgen_backend.quantization import QuantConfig
+from textgen_backend.models.config import ModelConfig
+from textgen_backend.weights.quantization import QuantConfig
 
 
 class LlamaAttention(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from textgen_backend.params import DetailsParams, SamplingParams, StoppingParams
+from textgen_backend.sampling.params import DetailsParams, SamplingParams, StoppingParams
 
 
 class SequenceStatus(enum.Enum):

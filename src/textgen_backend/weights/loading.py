@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from textgen_backend.convert_weights import pytorch_weight_files
+from textgen_backend.weights.convert_weights import pytorch_weight_files
 
 
 def resolve_model_dir(model_id: str, revision: str | None = None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from textgen_backend.sequence import Sequence
+from textgen_backend.engine.sequence import Sequence
 
 
 class BlockManager:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from textgen_backend.metrics import MetricsPublisher, Update
-from textgen_backend.sequence import Sequence
+from textgen_backend.serving.metrics import MetricsPublisher, Update
+from textgen_backend.engine.sequence import Sequence
 
 
 def request_kind(num_prompts: int, stream: bool) -> str:

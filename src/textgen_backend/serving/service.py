@@ -18,17 +18,17 @@ import numpy as np
 import torch
 
 from textgen_backend.config import EngineConfig
-from textgen_backend.drain import DrainFiles
-from textgen_backend.engine import Engine
-from textgen_backend.metrics import EngineMetrics, MetricsPublisher
-from textgen_backend.output_processor import (Candidate, OutputProcessor, ProcessResult,
-                                              ResponseSink)
-from textgen_backend.params import RequestError
-from textgen_backend.request import Prompt, parse_prompts
-from textgen_backend.request_metrics import RequestMetrics
-from textgen_backend.sequence import Sequence
-from textgen_backend.tokenizer import load_tokenizer
-from textgen_backend.weights import resolve_model_dir
+from textgen_backend.serving.drain import DrainFiles
+from textgen_backend.engine.engine import Engine
+from textgen_backend.serving.metrics import EngineMetrics, MetricsPublisher
+from textgen_backend.serving.output_processor import (Candidate, OutputProcessor, ProcessResult,
+                                                      ResponseSink)
+from textgen_backend.sampling.params import RequestError
+from textgen_backend.serving.request import Prompt, parse_prompts
+from textgen_backend.serving.request_metrics import RequestMetrics
+from textgen_backend.engine.sequence import Sequence
+from textgen_backend.serving.tokenizer import load_tokenizer
+from textgen_backend.weights.loading import resolve_model_dir
 
 logger = logging.getLogger("textgen")
 

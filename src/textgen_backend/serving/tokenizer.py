@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from textgen_backend import contract
-from textgen_backend.params import RequestError
+from textgen_backend.serving import contract
+from textgen_backend.sampling.params import RequestError
 
 # Every tensor a client may send, to the ensemble or to the tokenizer (Tokenize API).
 _INPUT_NAMES = sorted({s.name for s in contract.ENSEMBLE_INPUTS + contract.TOKENIZER_INPUTS})

@@ -8,7 +8,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .gguf_convert import convert_gguf_cached
+from textgen_backend.weights.gguf_convert import convert_gguf_cached
 
 logger = logging.getLogger(__name__)
 

@@ -11,18 +11,18 @@ from pathlib import Path
 
 import torch
 
-from textgen_backend.block_manager import BlockManager
+from textgen_backend.engine.block_manager import BlockManager
 from textgen_backend.config import EngineConfig, EngineLimits, resolve_token_limits
 from textgen_backend.layers.ops import select_ops
-from textgen_backend.metrics import EngineStats, StepStats
-from textgen_backend.model_config import ModelConfig
-from textgen_backend.model_runner import ModelRunner
+from textgen_backend.engine.stats import EngineStats, StepStats
+from textgen_backend.models.config import ModelConfig
+from textgen_backend.engine.model_runner import ModelRunner
 from textgen_backend.models import build_model
-from textgen_backend.params import SamplingParams, StoppingParams
-from textgen_backend.quantization import resolve_quant_config
-from textgen_backend.scheduler import Scheduler, SchedulerOutput, StepOutput
-from textgen_backend.sequence import Sequence
-from textgen_backend.weights import iterate_weights
+from textgen_backend.sampling.params import SamplingParams, StoppingParams
+from textgen_backend.weights.quantization import resolve_quant_config
+from textgen_backend.engine.scheduler import Scheduler, SchedulerOutput, StepOutput
+from textgen_backend.engine.sequence import Sequence
+from textgen_backend.weights.loading import iterate_weights
 
 logger = logging.getLogger("textgen")
 

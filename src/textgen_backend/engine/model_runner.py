@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from textgen_backend.layers.attention import AttentionMetadata
-from textgen_backend.model_config import ModelConfig
-from textgen_backend.sampling import SampleOutput, build_sampling_batch, sample
-from textgen_backend.scheduler import SchedulerOutput, TokenLogprob
-from textgen_backend.sequence import Sequence
+from textgen_backend.models.config import ModelConfig
+from textgen_backend.sampling.sampler import SampleOutput, build_sampling_batch, sample
+from textgen_backend.engine.scheduler import SchedulerOutput, TokenLogprob
+from textgen_backend.engine.sequence import Sequence
 
 logger = logging.getLogger("textgen")
 

@@ -8,11 +8,14 @@ Reported logprobs are those of the model's own distribution (log_softmax of the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from textgen_backend import logits_processors as lp
-from textgen_backend.sequence import Sequence
+from textgen_backend.sampling import logits_processors as lp
+
+if TYPE_CHECKING:  # the engine's sequences are read here, never imported at run time
+    from textgen_backend.engine.sequence import Sequence
 
 _M32 = 0xFFFFFFFF
 

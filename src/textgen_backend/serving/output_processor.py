@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from textgen_backend.contract import GenerationResponse
-from textgen_backend.detokenizer import IncrementalDetokenizer
-from textgen_backend.request import Prompt
-from textgen_backend.scheduler import StepOutput, TokenLogprob
-from textgen_backend.stopping import StopSequenceMatcher
+from textgen_backend.serving.contract import GenerationResponse
+from textgen_backend.serving.detokenizer import IncrementalDetokenizer
+from textgen_backend.serving.request import Prompt
+from textgen_backend.engine.scheduler import StepOutput, TokenLogprob
+from textgen_backend.serving.stopping import StopSequenceMatcher
 
 # finish_reason -> TGIS stop reason
 STOP_REASONS = {"length": "max_tokens", "eos_token": "eos_token", "stop": "stop_sequence",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from textgen_backend.convert_weights import convert_to_safetensors
+from textgen_backend.weights.convert_weights import convert_to_safetensors
 
 logger = logging.getLogger("textgen")
 

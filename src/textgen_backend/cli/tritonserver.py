@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from textgen_backend.demo_model import default_cache_root
-from textgen_backend.drain import DrainFiles
+from textgen_backend.weights.demo_model import default_cache_root
+from textgen_backend.serving.drain import DrainFiles
 
 logger = logging.getLogger("textgen")
 

@@ -41,7 +41,7 @@ def _cuda_devices() -> str:
 
 
 def _tritonserver() -> str:
-    from textgen_backend.tritonserver import find_tritonserver
+    from textgen_backend.cli.tritonserver import find_tritonserver
 
     try:
         return str(find_tritonserver().binary)

@@ -17,6 +17,8 @@ import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from textgen_backend.engine.stats import EngineStats, StepStats
+
 logger = logging.getLogger("textgen")
 
 Update = tuple[str, tuple[str, ...], float]
@@ -163,34 +165,6 @@ TOKENIZE_METRICS = (
 )
 
 GENERATOR_METRICS = REQUEST_METRICS + ENGINE_METRICS
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    batch_tokens: int                 # prompt + generated tokens of the running sequences
-    batch_max_remaining_tokens: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    num_preemptions: int              # since start
-    num_prefill_limit_hits: int       # since start
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
-
-
-@dataclass
-class StepStats:
-    """One engine step, filled in by Engine.step (time.perf_counter() seconds)."""
-    is_prefill: bool
-    batch_size: int
-    num_tokens: int                   # tokens computed: whole prompts in a prefill
-    joined_running_batch: bool        # a prefill while other sequences were running
-    forward_seconds: float = 0.0      # runner.execute: step inputs, forward, sampling
-    tokproc_seconds: float = 0.0      # scheduler.update: appending tokens, finishing
-    total_seconds: float = 0.0
 
 
 def tokenize_updates(num_texts: int, num_tokens: int, seconds: float) -> list[Update]:

@@ -10,10 +10,10 @@ import re
 import shutil
 from pathlib import Path
 
-from textgen_backend import contract
+from textgen_backend.serving import contract
 from textgen_backend.config import EngineConfig
 
-TEMPLATE_DIR = Path(__file__).resolve().parent / "model_repository"
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "model_repository"  # package data
 MODELS = ("ensemble", "tokenizer", "generator", "detokenizer")
 _PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 

@@ -5,12 +5,12 @@ import logging
 import sys
 from pathlib import Path
 
-from .convert_weights import convert_to_safetensors
-from .demo_model import ensure_demo_model
-from .download import download_weights
-from .gguf_convert import convert_gguf
-from .tritonserver import run_tritonserver
-from .weights import resolve_model_dir
+from textgen_backend.weights.convert_weights import convert_to_safetensors
+from textgen_backend.weights.demo_model import ensure_demo_model
+from textgen_backend.weights.download import download_weights
+from textgen_backend.weights.gguf_convert import convert_gguf
+from textgen_backend.cli.tritonserver import run_tritonserver
+from textgen_backend.weights.loading import resolve_model_dir
 
 
 def _add_convert_gguf(subcommands) -> None:

@@ -14,10 +14,10 @@ from typing import Callable
 
 import numpy as np
 
-from textgen_backend import contract
+from textgen_backend.serving import contract
 from textgen_backend.config import EngineConfig, EngineLimits
-from textgen_backend.params import (DEFAULT_MAX_TOKENS, DetailsParams, RequestError,
-                                    RequestParams, SamplingParams, StoppingParams)
+from textgen_backend.sampling.params import (DEFAULT_MAX_TOKENS, DetailsParams, RequestError,
+                                             RequestParams, SamplingParams, StoppingParams)
 
 MAX_STOP_SEQUENCE_CHARS = 240  # TGIS's limit on one stop sequence
 

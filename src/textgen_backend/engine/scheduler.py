@@ -15,10 +15,10 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from textgen_backend.block_manager import BlockManager
+from textgen_backend.engine.block_manager import BlockManager
 from textgen_backend.config import EngineLimits
-from textgen_backend.sampling import SampleOutput
-from textgen_backend.sequence import Sequence, SequenceStatus
+from textgen_backend.sampling.sampler import SampleOutput
+from textgen_backend.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass
