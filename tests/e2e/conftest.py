@@ -134,18 +134,40 @@ def metric(server, name: str) -> float:
     return values[0]
 
 
-def http_generate(server, payload: dict, stream: bool = False):
-    """POST to Triton's generate / generate_stream endpoint; returns the JSON (or SSE events)."""
+def http_post(server, payload: dict, stream: bool = False) -> tuple[int, list[dict]]:
+    """(status, JSON bodies): generate_stream's SSE events, else the one JSON body (also what
+    generate_stream answers to a request Triton refuses before it starts the stream)."""
     endpoint = "generate_stream" if stream else "generate"
     request = urllib.request.Request(f"{server.http_url}/v2/models/ensemble/{endpoint}",
                                      data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
-            body = response.read().decode()
+            status, body = response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
-        return {"error": json.loads(exc.read().decode())["error"], "status": exc.code}
-    if not stream:
-        return json.loads(body)
-    return [json.loads(line[len("data: "):]) for line in body.splitlines()
-            if line.startswith("data: ")]
+        status, body = exc.code, exc.read().decode()
+    if not (stream and body.startswith("data: ")):
+        return status, [json.loads(body)]
+    return status, [json.loads(line[len("data: "):]) for line in body.splitlines()
+                    if line.startswith("data: ")]
+
+
+def http_generate(server, payload: dict, stream: bool = False):
+    """POST to Triton's generate / generate_stream endpoint; returns the JSON (or SSE events),
+    or {"error", "status"} when it is refused."""
+    status, bodies = http_post(server, payload, stream)
+    if status >= 400:
+        return {"error": bodies[0]["error"], "status": status}
+    return bodies if stream else bodies[0]
+
+
+def deltas_once_equal(server, before: dict, expected: dict, timeout: float = 15.0) -> dict:
+    """The expected metrics' changes since `before`, once they match (updates are published on
+    the models' metrics threads, a moment after the responses) or at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = scrape_metrics(server)
+        got = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in expected}
+        if got == expected or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)

@@ -3,28 +3,15 @@ counter values and histogram counts (deltas over the session's servers)."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
-from conftest import scrape_metrics, settled_metrics
+from conftest import deltas_once_equal, scrape_metrics, settled_metrics
 from textgen_client import TextgenError
 
 pytestmark = pytest.mark.e2e
 
 PROMPT = "The quick brown fox"
-
-
-def deltas_once_equal(server, before: dict, expected: dict, timeout: float = 15.0) -> dict:
-    """The expected metrics' changes since `before`, once they match (updates are published on
-    the models' metrics threads, a moment after the responses) or at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        after = scrape_metrics(server)
-        got = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in expected}
-        if got == expected or time.monotonic() > deadline:
-            return got
-        time.sleep(0.1)
 
 
 def test_known_traffic_gives_exact_counters_and_histogram_counts(tiny_server, tiny_reference,

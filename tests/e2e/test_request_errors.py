@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import queue
 import re
-import time
-import urllib.error
-import urllib.request
 from concurrent import futures
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import scrape_metrics, settled_metrics
+from conftest import deltas_once_equal, http_post, scrape_metrics, settled_metrics
 from textgen_backend.serving import contract
 from textgen_client import TextgenClient, TextgenError
 
@@ -63,24 +60,6 @@ def grpc_stream(server, inputs, **kwargs):
     finally:
         client.stop_stream()
         client.close()
-
-
-def http_post(server, payload: dict, stream: bool = False) -> tuple[int, list[dict]]:
-    """(status, JSON bodies): generate_stream's SSE events, else the one JSON body (also what
-    generate_stream answers to a request Triton refuses before it starts the stream)."""
-    endpoint = "generate_stream" if stream else "generate"
-    request = urllib.request.Request(f"{server.http_url}/v2/models/ensemble/{endpoint}",
-                                     data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            status, body = response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read().decode()
-    if not (stream and body.startswith("data: ")):
-        return status, [json.loads(body)]
-    return status, [json.loads(line[len("data: "):]) for line in body.splitlines()
-                    if line.startswith("data: ")]
 
 
 def http_error(server, payload: dict, stream: bool = False) -> str:
@@ -162,16 +141,6 @@ def test_a_parameter_with_one_row_for_several_prompts_is_refused(tiny_server, cl
 
 
 # --- (5) a refused request is a failure of the model that refused it -------------------------
-
-def deltas_once_equal(server, before: dict, expected: dict, timeout: float = 15.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        after = scrape_metrics(server)
-        got = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in expected}
-        if got == expected or time.monotonic() > deadline:
-            return got
-        time.sleep(0.1)
-
 
 def test_refused_requests_count_as_tokenizer_failures_and_spare_the_others(
         tiny_server, tiny_reference):
