@@ -12,8 +12,8 @@ BENCH_VENV ?= .venv-bench
 BENCH_URL ?= localhost:8001
 BENCH_ARGS ?=
 
-.PHONY: install serve test test-unit test-gpu demo-model bench-tools bench-serving lock \
-	check-latest clean
+.PHONY: install serve test test-unit test-gpu demo-model bench-tools bench-serving bench-online \
+	lock check-latest clean
 
 install: $(VENV)/.installed
 
@@ -60,6 +60,11 @@ $(BENCH_VENV)/.installed: requirements/bench.lock $(VENV)/.installed
 bench-serving: bench-tools
 	$(BIN)/python bench/bench_serving.py --url $(BENCH_URL) --genai-perf $(BENCH_VENV)/bin/genai-perf \
 		--tokenizer "$(or $(MODEL_ID),$$($(BIN)/textgen demo-model))" $(BENCH_ARGS)
+
+# Poisson arrivals at several request rates against a running server (make serve): throughput,
+# TTFT / inter-token / end-to-end latency p50 and p99 per rate, a latency-throughput plot.
+bench-online: install
+	$(BIN)/python bench/bench_online.py --url $(BENCH_URL) $(BENCH_ARGS)
 
 # Regenerates requirements/*.lock (exact versions and hashes) with a pinned uv, from
 # pyproject.toml and requirements/*.in. Run it deliberately, then `make test` and commit the locks.

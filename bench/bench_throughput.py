@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
-import math
 import multiprocessing
 import tempfile
 import time
@@ -18,18 +17,10 @@ import numpy as np
 import torch
 
 from common import (LLAMA3_8B, Timer, hf_llama3_8b, llama3_8b_dir, measure_ceilings, print_table,
-                    release_gpu_memory, write_synthetic_tokenizer)
+                    release_gpu_memory, sharegpt_workload, synthetic_prompt,
+                    write_synthetic_tokenizer)
 
 MAX_LEN = 1024
-
-
-def workload(count: int, seed: int = 0) -> list[tuple[int, int]]:
-    """(input tokens, output tokens) pairs, lognormal like ShareGPT, clipped to [4, 1024]."""
-    rng = np.random.default_rng(seed)
-    inputs = rng.lognormal(math.log(200) - 0.5 * 0.9**2, 0.9, count)
-    outputs = rng.lognormal(math.log(180) - 0.5 * 0.9**2, 0.9, count)
-    clip = lambda x: int(min(max(round(x), 4), MAX_LEN))  # noqa: E731
-    return [(clip(i), clip(o)) for i, o in zip(inputs, outputs)]
 
 
 def engine_config(model_dir: Path, **overrides):
@@ -122,7 +113,7 @@ def _client_worker(args):
         n_in, n_out = job
         client = TextgenClient(url)
         try:
-            prompt = " ".join(f"t{(7 * k) % 128000}" for k in range(n_in))
+            prompt = synthetic_prompt(n_in)
             last = None
             for last in client.stream(prompt, max_tokens=n_out, ignore_eos=True):
                 pass
@@ -179,7 +170,7 @@ def main():
     parser.add_argument("--skip", default="", help="comma list of: engine,triton,hf")
     args = parser.parse_args()
     skip = set(args.skip.split(","))
-    requests = workload(args.requests)
+    requests = sharegpt_workload(args.requests, max_len=MAX_LEN)
     n_in = sum(i for i, _ in requests) / len(requests)
     n_out = sum(o for _, o in requests) / len(requests)
     ceilings = measure_ceilings()

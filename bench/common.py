@@ -3,11 +3,13 @@ a synthetic tokenizer of its vocabulary size, and table printing."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # The benchmarks start tritonserver with the e2e tests' harness (tests/server.py).
@@ -121,6 +123,21 @@ def measure_ceilings() -> dict:
     del src, dst, a, b
     torch.cuda.empty_cache()
     return {"bandwidth": 2 * (1 << 30) / (copy_ms / 1e3), "flops": 2 * 8192**3 / (mm_ms / 1e3)}
+
+
+def sharegpt_workload(count: int, seed: int = 0, max_len: int = 1024) -> list[tuple[int, int]]:
+    """(input tokens, output tokens) pairs, lognormal like ShareGPT (mean ~200 in / ~180 out),
+    clipped to [4, max_len]."""
+    rng = np.random.default_rng(seed)
+    inputs = rng.lognormal(math.log(200) - 0.5 * 0.9**2, 0.9, count)
+    outputs = rng.lognormal(math.log(180) - 0.5 * 0.9**2, 0.9, count)
+    clip = lambda x: int(min(max(round(x), 4), max_len))  # noqa: E731
+    return [(clip(i), clip(o)) for i, o in zip(inputs, outputs)]
+
+
+def synthetic_prompt(num_words: int) -> str:
+    """A prompt of num_words distinct-looking words (about as many tokens for a big vocabulary)."""
+    return " ".join(f"t{(7 * k) % 128000}" for k in range(num_words))
 
 
 def print_table(title: str, headers: list[str], rows: list[list]) -> None:
