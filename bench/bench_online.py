@@ -8,7 +8,9 @@ generator's own CPU time per request is printed so that it can be told apart fro
     python bench/bench_online.py --url localhost:8001 --rates 2,8,32,inf --requests 200 \
         [--json results.json] [--plot latency.png]
 
-`inf` sends every request at once (saturation).
+`inf` sends every request at once (saturation). On a GPU machine, `--serve-llama3-8b` first
+starts tritonserver on a random-weight Llama-3-8B-shaped model (bf16, bench_throughput.py's
+engine settings) and measures that.
 """
 from __future__ import annotations
 
@@ -114,12 +116,41 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plot", type=Path, help="write the latency-throughput plot (PNG)")
+    parser.add_argument("--serve-llama3-8b", action="store_true",
+                        help="serve a random-weight Llama-3-8B shape (GPU) and measure it")
     args = parser.parse_args()
+    server = serve_llama3_8b() if args.serve_llama3_8b else None
+    if server is not None:
+        args.url = server.grpc_url
+    try:
+        measure(args)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def serve_llama3_8b():
+    import tempfile
+
+    from bench_throughput import engine_config
+    from common import LLAMA3_8B, llama3_8b_dir, write_synthetic_tokenizer
+    from server import TritonServer
+
+    model_dir = llama3_8b_dir()
+    write_synthetic_tokenizer(model_dir, LLAMA3_8B["vocab_size"])
+    started = time.perf_counter()
+    server = TritonServer(engine_config(model_dir), Path(tempfile.mkdtemp()), startup_timeout=600)
+    print(f"served a Llama-3-8B shape in {time.perf_counter() - started:.0f}s", flush=True)
+    return server
+
+
+def measure(args) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=Path(__file__).parent).stdout.strip()
     jobs = sharegpt_workload(args.requests, args.seed, args.max_len)
     print(f"bench_online: commit {commit or '?'}, {args.url}, {args.requests} requests per rate, "
           f"{sum(n for _, n in jobs)} output tokens each", flush=True)
+    run_rate(args.url, float("inf"), jobs[:4], args.seed)  # warm-up, not reported
     results = [run_rate(args.url, float(rate), jobs, args.seed)
                for rate in args.rates.split(",")]
     print_table("Online serving (streaming gRPC through the ensemble; latencies in ms)",
