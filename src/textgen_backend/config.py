@@ -12,8 +12,16 @@ import json
 import os
 import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+def default_cache_root() -> Path:
+    """Where textgen keeps what it builds (the demo model, Triton's compiled kernels):
+    $TEXTGEN_CACHE, or ~/.cache/textgen."""
+    return Path(os.environ.get("TEXTGEN_CACHE") or Path.home() / ".cache" / "textgen")
+
 QUANTIZE = ("gptq", "awq")
 LOAD_FORMATS = ("safetensors", "pt", "dummy")
 

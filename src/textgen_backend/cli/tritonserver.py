@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from textgen_backend.weights.demo_model import default_cache_root
+from textgen_backend.config import default_cache_root
 from textgen_backend.serving.drain import DrainFiles
 
 logger = logging.getLogger("textgen")

