@@ -6,9 +6,13 @@ latency (genai-perf's: (last - first response) / (tokens - 1)) and end-to-end la
 generator's own CPU time per request is printed so that it can be told apart from the server's.
 
     python bench/bench_online.py --url localhost:8001 --rates 2,8,32,inf --requests 200 \
-        [--max-input-tokens 1024 --max-total-tokens 2048] [--json results.json] [--plot lat.png]
+        [--concurrency 64] [--max-input-tokens 1024 --max-total-tokens 2048] \
+        [--json results.json] [--plot lat.png]
 
-`inf` sends every request at once (saturation). The load generator is one asyncio event loop
+`inf` sends every request at once (saturation); `--concurrency N` adds closed-loop runs: N
+streams, each sending its next request when the last one ended. From the server's metrics
+endpoint (`--metrics-url`, default port 8002 of the --url host), each load's mean decode step
+and batch size are printed beside the inter-token latency the client saw. The load generator is one asyncio event loop
 (tritonclient.grpc.aio, one stream per request); `--client threads` uses textgen_client's
 blocking streams instead, a thread each, to compare their CPU cost. On a GPU machine,
 `--serve-llama3-8b` first starts tritonserver on a random-weight Llama-3-8B-shaped model (bf16,
@@ -31,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
 
-from common import print_table, sharegpt_workload
+from common import engine_steps_from_metrics, print_table, sharegpt_workload
 from textgen_client import TextgenClient
 from textgen_client.client import build_inputs
 
@@ -122,6 +126,22 @@ async def _run_aio(url: str, texts: list[str], jobs, timings: list[RequestTiming
         await client.close()
 
 
+async def _run_closed_loop(url: str, texts: list[str], jobs, timings: list[RequestTiming],
+                           streams: int) -> None:
+    client = grpcaio.InferenceServerClient(url)
+    pending = iter(range(len(jobs)))  # shared by the streams (one event loop: no lock)
+
+    async def stream() -> None:
+        for index in pending:
+            timings[index].scheduled = time.perf_counter()
+            await _stream_aio(client, texts[index], jobs[index][1], timings[index])
+
+    try:
+        await asyncio.gather(*(stream() for _ in range(streams)))
+    finally:
+        await client.close()
+
+
 def _run_threads(url: str, texts: list[str], jobs, timings: list[RequestTiming]) -> None:
     local = threading.local()
 
@@ -142,6 +162,16 @@ def _run_threads(url: str, texts: list[str], jobs, timings: list[RequestTiming])
 
     with futures.ThreadPoolExecutor(min(len(jobs), 512)) as pool:
         list(pool.map(one, range(len(jobs))))
+
+
+def run_concurrency(url: str, streams: int, texts: list[str], jobs) -> dict:
+    """Sends `jobs` over `streams` closed-loop streams (asyncio client)."""
+    timings = [RequestTiming(0.0) for _ in jobs]
+    cpu_started = time.process_time()
+    asyncio.run(_run_closed_loop(url, texts, jobs, timings, streams))
+    result = summarize(math.inf, timings, time.process_time() - cpu_started)
+    result["load"] = f"{streams} streams"
+    return result
 
 
 def run_rate(url: str, rate: float, texts: list[str], jobs, seed: int,
@@ -173,7 +203,8 @@ def summarize(rate: float, timings: list[RequestTiming], cpu_seconds: float) -> 
     span = max((t.responses[-1] for t in done), default=first_sent) - first_sent
     tokens = sum(t.output_tokens for t in done)
     return {
-        "rate": rate if math.isfinite(rate) else "inf", "requests": len(timings),
+        "rate": rate if math.isfinite(rate) else "inf", "load": f"{rate:g}/s",
+        "requests": len(timings),
         "completed": len(done), "failed": len(timings) - len(done), "errors": errors[:5],
         # requests sent per second (n - 1 gaps): below `rate` when the load generator lags
         "achieved_rate": (len(timings) - 1) / sent_span if sent_span > 0 else math.inf,
@@ -201,7 +232,7 @@ def plot(results: list[dict], path: Path) -> None:
         for p in ("p50", "p99"):
             axis.plot(throughput, [r[key][p] for r in results], marker="o", label=p)
         for r, x in zip(results, throughput):
-            axis.annotate(f"{r['rate']}/s", (x, r[key]["p50"]), fontsize=8)
+            axis.annotate(r["load"], (x, r[key]["p50"]), fontsize=8)
         axis.set(xlabel="output tokens/s", ylabel="ms", title=title)
         axis.legend()
     fig.tight_layout()
@@ -213,6 +244,10 @@ def main() -> None:
     parser.add_argument("--url", default="localhost:8001", help="gRPC address of the server")
     parser.add_argument("--rates", default="2,8,32,inf", help="requests/s, comma-separated")
     parser.add_argument("--requests", type=int, default=200, help="requests per rate")
+    parser.add_argument("--concurrency", default="",
+                        help="closed-loop stream counts, comma-separated (after the rates)")
+    parser.add_argument("--metrics-url", default=None,
+                        help="the server's metrics (default: port 8002 of the --url host)")
     parser.add_argument("--max-input-tokens", type=int, default=1024,
                         help="clip prompts to this (the server's --max-input-tokens)")
     parser.add_argument("--max-total-tokens", type=int, default=2048,
@@ -231,7 +266,9 @@ def main() -> None:
         parser.error("need 0 < --max-input-tokens < --max-total-tokens")
     server = serve_llama3_8b() if args.serve_llama3_8b else None
     if server is not None:
-        args.url = server.grpc_url
+        args.url, args.metrics_url = server.grpc_url, server.metrics_url
+    if args.metrics_url is None:
+        args.metrics_url = f"http://{args.url.rsplit(':', 1)[0]}:8002/metrics"
     try:
         measure(args)
     finally:
@@ -271,23 +308,50 @@ def measure(args) -> None:
     if args.warmup:
         run_rate(args.url, math.inf, texts[:args.warmup], jobs[:args.warmup], args.seed,
                  args.client)
-    results = [run_rate(args.url, float(rate), texts, jobs, args.seed, args.client)
-               for rate in args.rates.split(",")]
+    loads = [lambda rate=rate: run_rate(args.url, float(rate), texts, jobs, args.seed,
+                                        args.client)
+             for rate in args.rates.split(",") if rate]
+    loads += [lambda n=n: run_concurrency(args.url, int(n), texts, jobs)
+              for n in args.concurrency.split(",") if n]
+    results = [with_server_steps(args.metrics_url, load) for load in loads]
     print_table("Online serving (streaming gRPC through the ensemble; latencies in ms)",
-                ["rate req/s", "achieved", "failed", "output tok/s", "TTFT p50", "TTFT p99",
-                 "ITL p50", "ITL p99", "E2E p50", "E2E p99", "client CPU ms/req"],
-                [[r["rate"], r["achieved_rate"], r["failed"], r["output_tokens_per_s"],
+                ["load", "achieved req/s", "failed", "output tok/s", "TTFT p50", "TTFT p99",
+                 "ITL p50", "ITL p99", "E2E p50", "E2E p99", "client CPU ms/req",
+                 "server decode step", "mean batch", "ITL p50 / step"],
+                [[r["load"], r["achieved_rate"], r["failed"], r["output_tokens_per_s"],
                   r["ttft_ms"]["p50"], r["ttft_ms"]["p99"], r["itl_ms"]["p50"],
                   r["itl_ms"]["p99"], r["e2e_ms"]["p50"], r["e2e_ms"]["p99"],
-                  r["client_cpu_ms_per_request"]] for r in results])
+                  r["client_cpu_ms_per_request"], r["decode_step_ms"], r["decode_batch"],
+                  r["itl_ms"]["p50"] / r["decode_step_ms"]] for r in results])
     for r in results:
         if r["failed"]:
-            print(f"rate {r['rate']}: {r['failed']} failed, e.g. {r['errors'][0]}")
+            print(f"{r['load']}: {r['failed']} failed, e.g. {r['errors'][0]}")
     if args.json:
         args.json.write_text(json.dumps({**settings, "results": results}, indent=1))
     if args.plot:
         plot(results, args.plot)
         print(f"plot: {args.plot}")
+
+
+def with_server_steps(metrics_url: str, load) -> dict:
+    """Runs load(); adds the server's mean decode step (ms) and batch size over the run (nan
+    when its metrics cannot be read)."""
+    def decode_totals():
+        try:
+            return engine_steps_from_metrics(metrics_url).get("next_token", [0.0] * 4)
+        except OSError:
+            return None
+
+    before = decode_totals()
+    result = load()
+    time.sleep(1.0)  # the server publishes step metrics from a thread of its own
+    after = decode_totals()
+    steps = seconds = sequences = 0.0
+    if before is not None and after is not None:
+        steps, seconds, _, sequences = (a - b for a, b in zip(after, before))
+    result["decode_step_ms"] = 1e3 * seconds / steps if steps else math.nan
+    result["decode_batch"] = sequences / steps if steps else math.nan
+    return result
 
 
 if __name__ == "__main__":

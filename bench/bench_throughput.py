@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (LLAMA3_8B, Timer, hf_llama3_8b, llama3_8b_dir, measure_ceilings, print_table,
-                    release_gpu_memory, sharegpt_workload, synthetic_prompt,
-                    write_synthetic_tokenizer)
+from common import (LLAMA3_8B, Timer, engine_steps_from_metrics, hf_llama3_8b, llama3_8b_dir,
+                    measure_ceilings, print_table, release_gpu_memory, sharegpt_workload,
+                    synthetic_prompt, write_synthetic_tokenizer)
 
 MAX_LEN = 1024
 
@@ -75,7 +75,10 @@ def in_process(model_dir: Path, requests, profile_steps: int = 40) -> dict:
               f"{sum(e[2] for e in steps) / max(1, len(steps)):.0f} tokens")
     print(f"outside execute() (scheduling, bookkeeping): "
           f"{t.seconds - sum(e[3] for e in executed):.2f} s")
-    result = {"seconds": t.seconds, "tokens": tokens, "busy": busy,
+    steps = {("prefill" if kind else "next_token"): [
+        len(e), sum(x[3] for x in e), sum(x[3] for x in e), sum(x[1] for x in e)]
+        for kind in (True, False) for e in [[x for x in executed if x[0] == kind]]}
+    result = {"seconds": t.seconds, "tokens": tokens, "busy": busy, "steps": steps,
               "kv_tokens": engine.limits.max_batch_total_tokens,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     del engine
@@ -106,6 +109,7 @@ def gpu_busy_fraction(engine, seqs, steps: int) -> float:
 
 
 def _client_worker(args):
+    """Streams `jobs` with `streams` threads; returns (output tokens, this process's CPU s)."""
     url, jobs, streams = args
     from textgen_client import TextgenClient
 
@@ -122,7 +126,19 @@ def _client_worker(args):
             client.close()
 
     with futures.ThreadPoolExecutor(streams) as pool:
-        return sum(pool.map(run, jobs))
+        tokens = sum(pool.map(run, jobs))
+    return tokens, time.process_time()
+
+
+def steps_table(label: str, wall: float, steps: dict) -> list[list]:
+    """Rows: per method, steps, mean batch, seconds in steps and in forward; then idle."""
+    rows, busy = [], 0.0
+    for method, (count, total, forward, seqs) in sorted(steps.items()):
+        busy += total
+        rows.append([label, method, int(count), seqs / max(count, 1), total, forward,
+                     1e3 * total / max(count, 1)])
+    rows.append([label, "engine idle (no step running)", "", "", wall - busy, "", ""])
+    return rows
 
 
 def through_tritonserver(model_dir: Path, requests, clients: int, streams: int) -> dict:
@@ -133,13 +149,18 @@ def through_tritonserver(model_dir: Path, requests, clients: int, streams: int) 
     try:
         shards = [(server.grpc_url, requests[i::clients], streams) for i in range(clients)]
         _client_worker((server.grpc_url, [(16, 8)] * 4, 4))  # warm-up
+        before = engine_steps_from_metrics(server.metrics_url)
         with multiprocessing.get_context("spawn").Pool(clients) as pool:
             started = time.perf_counter()
-            tokens = sum(pool.map(_client_worker, shards))
+            results = pool.map(_client_worker, shards)
             seconds = time.perf_counter() - started
+        time.sleep(2)  # metrics are published from their own thread
+        after = engine_steps_from_metrics(server.metrics_url)
     finally:
         server.stop()
-    return {"seconds": seconds, "tokens": tokens}
+    steps = {m: [a - b for a, b in zip(v, before.get(m, [0.0] * 4))] for m, v in after.items()}
+    return {"seconds": seconds, "tokens": sum(r[0] for r in results),
+            "client_cpu": sum(r[1] for r in results), "steps": steps}
 
 
 def hf_subset(requests, batch: int, cap: int) -> dict:
@@ -202,6 +223,19 @@ def main():
     print_table("Offline throughput, Llama-3-8B shape, bf16",
                 ["path", "requests", "output tokens", "seconds", "output tok/s", "vs in-process"],
                 rows)
+    breakdown = []
+    if engine:
+        breakdown += steps_table("in-process", engine["seconds"], engine["steps"])
+    if served:
+        breakdown += steps_table("tritonserver", served["seconds"], served["steps"])
+        print(f"client processes: {served['client_cpu']:.1f} s of CPU for "
+              f"{args.requests} requests ({1e3 * served['client_cpu'] / args.requests:.1f} ms "
+              f"each)")
+    # in-process, "forward" is execute(): the forward pass and sampling, as the server's
+    # forward_duration; "in steps" adds scheduling and token bookkeeping (server only)
+    print_table("Where the time goes (engine steps)",
+                ["path", "steps", "count", "mean batch", "s in steps", "s in forward",
+                 "ms per step"], breakdown)
 
 
 if __name__ == "__main__":

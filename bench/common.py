@@ -73,9 +73,8 @@ def time_decode(engine, batch: int, context: int, steps: int, rng) -> tuple[floa
         for _ in range(steps):
             engine.step()
     assert all(len(s.output_ids) == steps + 4 for s in seqs), "a sequence fell out of the batch"
-    graphs = engine.runner.graphs
-    size = next(b for b in graphs.batch_sizes if b >= batch)
-    graph_ms = triton.testing.do_bench(graphs.graphs[size].replay, warmup=10, rep=100,
+    graphs = engine.runner.decode_graphs.set
+    graph_ms = triton.testing.do_bench(graphs.graphs[graphs.smallest(batch)].replay, warmup=10, rep=100,
                                        return_mode="median")
     while engine.has_work():
         engine.step()
@@ -138,6 +137,24 @@ def sharegpt_workload(count: int, seed: int = 0, max_len: int = 1024) -> list[tu
 def synthetic_prompt(num_words: int) -> str:
     """A prompt of num_words distinct-looking words (about as many tokens for a big vocabulary)."""
     return " ".join(f"t{(7 * k) % 128000}" for k in range(num_words))
+
+
+def engine_steps_from_metrics(metrics_url: str) -> dict:
+    """{method: (steps, seconds in steps, seconds in forward, sequences)} from the server's
+    tgi_batch_* series: where the served engine spent the run."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    totals: dict = {}
+    for name, key in (("tgi_batch_inference_duration_count", 0),
+                      ("tgi_batch_inference_duration_sum", 1),
+                      ("tgi_batch_inference_forward_duration_sum", 2),
+                      ("tgi_batch_inference_batch_size_sum", 3)):
+        for method, value in re.findall(rf'^{name}{{[^}}]*method="(\w+)"[^}}]*}} (\S+)$', text,
+                                        re.M):
+            totals.setdefault(method, [0.0] * 4)[key] += float(value)
+    return totals
 
 
 def print_table(title: str, headers: list[str], rows: list[list]) -> None:

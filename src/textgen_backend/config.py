@@ -33,6 +33,19 @@ def flag(help: str, default=None, choices=None, aliases=(), env_aliases=()):
                                             "env_aliases": env_aliases})
 
 
+def _positive_list(name: str, value: str) -> tuple[int, ...]:
+    """"1,4,16" -> (1, 4, 16), sorted and unique; "0" -> ()."""
+    if value.strip() == "0":
+        return ()
+    try:
+        sizes = sorted({int(part) for part in value.split(",") if part.strip()})
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated sizes or \"0\", got {value!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"{name} sizes must be >= 1, got {value!r}")
+    return tuple(sizes)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_id: str = flag("Model directory (config.json, safetensors, tokenizer) or a hub id "
@@ -106,6 +119,10 @@ class EngineConfig:
     cuda_graphs: str = flag("Decode batch sizes to capture CUDA graphs for (a batch runs in the "
                             "next larger one); \"0\" disables.",
                             default="1,2,4,8,16,32,64,128,256")
+    prefill_cuda_graphs: str = flag("Prefill token counts to capture CUDA graphs for (a prefill "
+                                    "of at most 8 prompts, without prompt details, runs in the "
+                                    "next larger one; longer ones run eagerly); \"0\" disables.",
+                                    default="16,32,64,128,256,512")
     disable_custom_kernels: bool = flag("Use the pure-torch reference ops instead of our Triton "
                                         "kernels on the GPU (no CUDA graphs then).", default=False)
     tokenizer_config_path: str | None = flag("A tokenizer_config.json whose chat_template "
@@ -148,7 +165,7 @@ class EngineConfig:
                              f"not supported), got {self.quantize!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        self.cuda_graph_batch_sizes  # validates the list
+        self.cuda_graph_batch_sizes, self.prefill_graph_token_counts  # validates the lists
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_input_tokens and self.max_total_tokens:
@@ -158,16 +175,11 @@ class EngineConfig:
 
     @property
     def cuda_graph_batch_sizes(self) -> tuple[int, ...]:
-        if self.cuda_graphs.strip() == "0":
-            return ()
-        try:
-            sizes = sorted({int(part) for part in self.cuda_graphs.split(",") if part.strip()})
-        except ValueError:
-            raise ValueError(f"cuda_graphs must be comma-separated batch sizes or \"0\", "
-                             f"got {self.cuda_graphs!r}") from None
-        if not sizes or sizes[0] < 1:
-            raise ValueError(f"cuda_graphs batch sizes must be >= 1, got {self.cuda_graphs!r}")
-        return tuple(sizes)
+        return _positive_list("cuda_graphs", self.cuda_graphs)
+
+    @property
+    def prefill_graph_token_counts(self) -> tuple[int, ...]:
+        return _positive_list("prefill_cuda_graphs", self.prefill_cuda_graphs)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -7,7 +7,7 @@ differently, so at the first mismatch each side's token must be among the other'
 import pytest
 import torch
 
-from textgen_backend.engine import model_runner
+from textgen_backend.engine import cuda_graphs, model_runner
 from textgen_backend.config import EngineConfig
 from textgen_backend.engine.engine import Engine
 from textgen_backend.sampling.params import SamplingParams, StoppingParams
@@ -57,7 +57,7 @@ def run_both(model_dir, dtype, per_group, monkeypatch):
     monkeypatch.setattr(model_runner.ModelRunner, "execute", execute)
     engine = Engine(EngineConfig(model_id=str(model_dir), dtype=dtype,
                                  max_batch_total_tokens=200_000), model_dir)
-    assert engine.runner.graphs is not None, "CUDA graphs should be captured on the GPU"
+    assert engine.runner.decode_graphs is not None, "CUDA graphs should be captured on the GPU"
     groups = prompt_groups(engine.model_config.vocab_size, per_group)
     seqs = {}
     for n, prompts in groups.items():
@@ -109,3 +109,41 @@ def test_bfloat16_greedy_agrees_up_to_rounding(model_dir, monkeypatch):
         if i is not None:
             assert ours[i] in their_top5[i], (i, ours[i], their_top5[i])
             assert theirs[i] in our_top5[i], (i, theirs[i], our_top5[i])
+
+
+def test_float32_prefill_graphs_are_token_exact(model_dir, monkeypatch):
+    """Prompts arriving a few at a time, while others decode, prefill through the prefill
+    CUDA graphs (padding tokens and padding sequences around them) and stay token-exact."""
+    from transformers import AutoModelForCausalLM
+
+    replays = []
+    real_run = cuda_graphs.PrefillGraphs.run
+    monkeypatch.setattr(cuda_graphs.PrefillGraphs, "run",
+                        lambda self, arrays, pinned: replays.append(len(arrays.ids))
+                        or real_run(self, arrays, pinned))
+    engine = Engine(EngineConfig(model_id=str(model_dir), dtype="float32",
+                                 max_batch_total_tokens=50_000), model_dir)
+    assert engine.runner.prefill_graphs is not None
+    g = torch.Generator().manual_seed(1)
+    vocab = engine.model_config.vocab_size
+    waves = [[130], [1, 17], [300, 64, 5], [512], [33] * 8]
+    seqs = []
+    for wave in waves:
+        for n in wave:
+            seq = Sequence(len(seqs), torch.randint(2, vocab, (n,), generator=g).tolist(),
+                           SamplingParams(), StoppingParams(max_tokens=NEW_TOKENS,
+                                                            ignore_eos=True))
+            seqs.append(seq)
+            engine.add(seq)
+        for _ in range(3):
+            engine.step()
+    while engine.has_work():
+        engine.step()
+    assert len(replays) >= len(waves), f"prefill graphs replayed {len(replays)} times"
+    del engine
+    torch.cuda.empty_cache()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    for s in seqs:
+        out = hf.generate(torch.tensor([s.prompt_ids], device="cuda"), max_new_tokens=NEW_TOKENS,
+                          min_new_tokens=NEW_TOKENS, do_sample=False)
+        assert s.output_ids == out[0, len(s.prompt_ids):].tolist(), f"prompt of {len(s.prompt_ids)}"

@@ -57,7 +57,7 @@ def test_quantized_engine_agrees_with_transformers(model_dir, tmp_path, monkeypa
     monkeypatch.setattr(model_runner.ModelRunner, "execute", execute)
     engine = Engine(EngineConfig(model_id=str(quant_dir), dtype=dtype, cuda_graphs="1,4,32",
                                  max_batch_total_tokens=50_000), quant_dir)
-    assert engine.runner.graphs is not None
+    assert engine.runner.decode_graphs is not None
     g = torch.Generator().manual_seed(0)
     vocab = engine.model_config.vocab_size
     # batches of 1 and 3 (GEMV kernel) and 24 (tensor-core kernel); prompts up to 130 tokens

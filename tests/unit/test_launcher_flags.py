@@ -7,7 +7,7 @@ import pytest
 
 from textgen_backend.config import EngineConfig, from_flags
 from textgen_backend.cli.launcher import ServerConfig, build_parser
-from textgen_backend.cli.logs import configure_logging
+from textgen_backend.logs import configure_logging
 from textgen_backend.cli.runtime_env import runtime_environment
 from textgen_backend.cli.tritonserver import tls_options, tracing_options
 
@@ -127,3 +127,12 @@ def test_json_logs_and_runtime_environment(capsys):
     env = runtime_environment()
     assert env.startswith("Runtime environment:\n")
     assert "\ntorch: " in env and "\ntritonserver: " in env
+
+
+def test_cuda_graph_lists_are_validated_naming_the_flag():
+    config, _ = parse(["--prefill-cuda-graphs", "64,16,16", "--cuda-graphs", "0"])
+    assert config.prefill_graph_token_counts == (16, 64)
+    assert config.cuda_graph_batch_sizes == ()
+    for flag, value in (("--prefill-cuda-graphs", "16,x"), ("--cuda-graphs", "-1")):
+        with pytest.raises(ValueError, match=flag.strip("-").replace("-", "_")):
+            parse([flag, value])

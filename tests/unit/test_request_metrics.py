@@ -39,8 +39,9 @@ def response(seq_id, finish_reason="", generated=0, n_input=4):
                            num_output_tokens=generated, num_input_tokens=n_input)
 
 
-def tokens(*seq_ids):
-    return [SimpleNamespace(seq_id=i, new_token_ids=[7]) for i in seq_ids]
+def tokens(*seq_ids, scheduled_at=None):
+    return [SimpleNamespace(seq_id=i, new_token_ids=[7], scheduled_at=scheduled_at)
+            for i in seq_ids]
 
 
 def test_request_kind():
@@ -52,13 +53,11 @@ def test_a_streamed_request_from_arrival_to_its_end(clock):
     publisher = ListPublisher()
     metrics = RequestMetrics(publisher)
     sink = object()
-    seq = SimpleNamespace(seq_id=5, scheduled_at=None)
     received = clock[0]
     clock[0] += 0.002                                    # validation
-    metrics.accepted(sink, [prompt(4, max_tokens=3, stream=True)], [seq], received)
-    seq.scheduled_at = clock[0] = 100.010                # first prefill
+    metrics.accepted(sink, [prompt(4, max_tokens=3, stream=True)], [5], received)
     clock[0] = 100.050
-    metrics.tokens_arrived(tokens(5))                    # the first token
+    metrics.tokens_arrived(tokens(5, scheduled_at=100.010))  # the first token, prefilled then
     clock[0] = 100.060
     metrics.tokens_arrived(tokens(5))
     metrics.delivered([(sink, response(5, "", 2), None, False)])
@@ -89,9 +88,8 @@ def test_batch_with_one_sequence_done_then_an_error(clock):
     publisher = ListPublisher()
     metrics = RequestMetrics(publisher)
     sink = object()
-    seqs = [SimpleNamespace(seq_id=i, scheduled_at=100.0) for i in (1, 2)]
-    metrics.accepted(sink, [prompt(3), prompt(5)], seqs, clock[0])
-    metrics.tokens_arrived(tokens(1, 2))
+    metrics.accepted(sink, [prompt(3), prompt(5)], [1, 2], clock[0])
+    metrics.tokens_arrived(tokens(1, 2, scheduled_at=100.0))
     metrics.delivered([(sink, response(1, "eos_token", 1), None, False)])
     metrics.delivered([(sink, None, "generation failed: boom", True)])
     assert publisher.values("tgi_request_count", ("batch",)) == [1]
@@ -109,7 +107,7 @@ def test_cancelled_and_refused_requests_count_as_failures(clock):
     publisher = ListPublisher()
     metrics = RequestMetrics(publisher)
     sink = object()
-    metrics.accepted(sink, [prompt(2, stream=True)], [SimpleNamespace(seq_id=9, scheduled_at=None)],
+    metrics.accepted(sink, [prompt(2, stream=True)], [9],
                      clock[0])
     metrics.delivered([(sink, response(9, "cancelled", 0), None, True)])
     metrics.refused({"_input_lengths": np.array([[6], [300]], np.int32)}, "validation")

@@ -7,7 +7,7 @@ import triton_python_backend_utils as pb_utils
 
 from textgen_backend.serving import contract
 from textgen_backend.config import EngineConfig
-from textgen_backend.cli.logs import configure_logging
+from textgen_backend.logs import configure_logging
 from textgen_backend.serving.metrics import (TOKENIZE_METRICS, MetricsPublisher, TritonMetrics,
                                              tokenize_updates)
 from textgen_backend.sampling.params import RequestError

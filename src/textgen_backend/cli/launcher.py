@@ -19,7 +19,7 @@ from pathlib import Path
 
 from textgen_backend.config import EngineConfig, FlagHelpFormatter, add_flags, flag, from_flags
 from textgen_backend.weights.download import download_weights
-from textgen_backend.cli.logs import configure_logging
+from textgen_backend.logs import configure_logging
 from textgen_backend.cli.repository import render_repository
 from textgen_backend.cli.runtime_env import runtime_environment
 from textgen_backend.cli.tritonserver import (find_tritonserver, server_command, start_tritonserver,

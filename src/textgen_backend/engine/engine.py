@@ -60,7 +60,9 @@ class Engine:
             max_blocks = -(-self.limits.max_total_tokens // config.block_size)
             sizes = [b for b in config.cuda_graph_batch_sizes
                      if config.max_batch_size is None or b <= config.max_batch_size]
-            self.runner.capture_decode_graphs(tuple(sizes), max_blocks)
+            prefill = [t for t in config.prefill_graph_token_counts
+                       if t <= self.limits.max_batch_prefill_tokens]
+            self.runner.capture_cuda_graphs(tuple(sizes), tuple(prefill), max_blocks)
         self.block_manager = BlockManager(self.limits.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.limits, self.block_manager, eos)
         self._aborted: list[StepOutput] = []

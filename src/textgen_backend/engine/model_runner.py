@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from textgen_backend.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, StepArrays
 from textgen_backend.layers.attention import AttentionMetadata
 from textgen_backend.models.config import ModelConfig
 from textgen_backend.sampling.sampler import SampleOutput, build_sampling_batch, sample
@@ -48,16 +49,6 @@ class StepInputs:
 
 
 @dataclass
-class DecodeArrays:
-    """A decode step's per-sequence inputs on the host."""
-    ids: list[int]
-    positions: np.ndarray
-    slots: list[int]
-    context_lens: list[int]
-    block_ids: list[list[int]]
-
-
-@dataclass
 class StepResult:
     sampled: SampleOutput
     prompt_logprobs: dict[int, list[TokenLogprob | None]] | None  # by sequence id
@@ -75,7 +66,8 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.watermark_gamma, self.watermark_delta = watermark_gamma, watermark_delta
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.graphs: DecodeGraphs | None = None
+        self.decode_graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self._staging = torch.empty(0, dtype=torch.int32)
 
     def _pinned(self, size: int) -> torch.Tensor:
@@ -104,10 +96,18 @@ class ModelRunner:
             attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
             self.kv_caches.append((attn.k_cache, attn.v_cache))
 
-    def capture_decode_graphs(self, batch_sizes: tuple[int, ...], max_blocks_per_seq: int) -> None:
-        if batch_sizes and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(self.model, batch_sizes, max_blocks_per_seq,
-                                       self.model_config.vocab_size, self.device)
+    def capture_cuda_graphs(self, decode_batch_sizes: tuple[int, ...],
+                            prefill_token_counts: tuple[int, ...],
+                            max_blocks_per_seq: int) -> None:
+        if self.device.type != "cuda":
+            return
+        pool = torch.cuda.graph_pool_handle()  # one pool: steps never overlap
+        if prefill_token_counts:
+            self.prefill_graphs = PrefillGraphs(self.model, prefill_token_counts,
+                                                max_blocks_per_seq, self.device, pool)
+        if decode_batch_sizes:
+            self.decode_graphs = DecodeGraphs(self.model, decode_batch_sizes,
+                                              max_blocks_per_seq, self.device, pool)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -115,11 +115,14 @@ class ModelRunner:
                                         self.model_config.vocab_size, self.device,
                                         self.watermark_gamma, self.watermark_delta)
         prompt_logprobs = None
-        if not out.is_prefill and self.graphs is not None and self.graphs.fits(len(out.seqs)):
-            logits = self.graphs.run(self._decode_arrays(out.seqs), self._pinned)
+        arrays = (self._prefill_arrays(out.seqs) if out.is_prefill
+                  else self._decode_arrays(out.seqs))
+        graphs = self._graphs_for(out, arrays)
+        if graphs is not None:
+            logits = graphs.run(arrays, self._pinned)
         else:
-            inputs = (self._prefill_inputs(out.seqs) if out.is_prefill
-                      else self._decode_inputs(out.seqs))
+            inputs = StepInputs(arrays.ids, arrays.positions, arrays.slots, arrays.context_lens,
+                                arrays.cu_seqlens, self._tables(arrays.block_ids))
             ids, positions, slots, context_lens, cu_seqlens, tables = self._upload(inputs)
             meta = AttentionMetadata(is_decode=not out.is_prefill, slot_mapping=slots,
                                      context_lens=context_lens, block_tables=tables,
@@ -130,6 +133,19 @@ class ModelRunner:
             if out.is_prefill:
                 prompt_logprobs = self._prompt_logprobs(out.seqs, hidden, ids, inputs)
         return StepResult(sample(logits, sampling), prompt_logprobs)
+
+    def _graphs_for(self, out: SchedulerOutput, arrays: StepArrays):
+        """The graphs that can run this step, or None to run it eagerly. Prefills that want
+        prompt token details need every position's hidden state: those run eagerly."""
+        if not out.is_prefill:
+            graphs = self.decode_graphs
+            return graphs if graphs is not None and graphs.fits(len(out.seqs)) else None
+        graphs = self.prefill_graphs
+        if graphs is None or not graphs.fits(len(arrays.ids), len(out.seqs)):
+            return None
+        if any(s.details.input_details and not s.input_details_done for s in out.seqs):
+            return None
+        return graphs
 
     def _prompt_logprobs(self, seqs, hidden, ids, inputs: StepInputs):
         """{seq_id: details of each prompt token} for sequences that asked (first prefill only):
@@ -156,104 +172,31 @@ class ModelRunner:
             s.input_details_done = True
         return result
 
-    def _prefill_inputs(self, seqs: list[Sequence]) -> StepInputs:
+    def _prefill_arrays(self, seqs: list[Sequence]) -> StepArrays:
         lengths = [s.num_tokens for s in seqs]
-        token_ids = [t for s in seqs for t in s.all_ids]
-        positions = np.concatenate([np.arange(n) for n in lengths])
-        slots = np.concatenate([self._slots(s.block_ids, n) for s, n in zip(seqs, lengths)])
-        cu_seqlens = np.concatenate([[0], np.cumsum(lengths)])
-        return StepInputs(token_ids, positions, slots, lengths, cu_seqlens, self._tables(seqs))
+        return StepArrays(
+            ids=[t for s in seqs for t in s.all_ids],
+            positions=np.concatenate([np.arange(n) for n in lengths]),
+            slots=np.concatenate([self._slots(s.block_ids, n) for s, n in zip(seqs, lengths)]),
+            context_lens=lengths, cu_seqlens=np.concatenate([[0], np.cumsum(lengths)]),
+            block_ids=[s.block_ids for s in seqs])
 
-    def _decode_arrays(self, seqs: list[Sequence]) -> DecodeArrays:
+    def _decode_arrays(self, seqs: list[Sequence]) -> StepArrays:
         bs = self.block_size
         lengths = [s.num_tokens for s in seqs]
         slots = [s.block_ids[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(seqs, lengths)]
-        return DecodeArrays(ids=[s.last_token for s in seqs], positions=np.asarray(lengths) - 1,
-                            slots=slots, context_lens=lengths, block_ids=[s.block_ids for s in seqs])
-
-    def _decode_inputs(self, seqs: list[Sequence]) -> StepInputs:
-        a = self._decode_arrays(seqs)
-        return StepInputs(a.ids, a.positions, a.slots, a.context_lens, np.arange(len(seqs) + 1),
-                          self._tables(seqs))
+        return StepArrays(ids=[s.last_token for s in seqs], positions=np.asarray(lengths) - 1,
+                          slots=np.asarray(slots), context_lens=lengths,
+                          cu_seqlens=np.arange(len(seqs) + 1),
+                          block_ids=[s.block_ids for s in seqs])
 
     @staticmethod
-    def _tables(seqs: list[Sequence]) -> np.ndarray:
-        tables = np.zeros((len(seqs), max(len(s.block_ids) for s in seqs)), dtype=np.int32)
-        for row, s in enumerate(seqs):
-            tables[row, :len(s.block_ids)] = s.block_ids
+    def _tables(block_ids: list[list[int]]) -> np.ndarray:
+        tables = np.zeros((len(block_ids), max(len(ids) for ids in block_ids)), dtype=np.int32)
+        for row, ids in enumerate(block_ids):
+            tables[row, :len(ids)] = ids
         return tables
 
     def _slots(self, block_ids: list[int], num_tokens: int) -> np.ndarray:
         bs = self.block_size
         return (np.asarray(block_ids)[:, None] * bs + np.arange(bs)).reshape(-1)[:num_tokens]
-
-
-class DecodeGraphs:
-    """CUDA graphs of the decode forward pass (embedding to logits), one per captured batch
-    size. A batch runs in the smallest graph that holds it; its padding rows have context length
-    0 and slot -1 (nothing read, nothing stored). Each graph reads its inputs from one static
-    int32 buffer laid out [ids | positions | slots | context_lens | block tables], filled by a
-    single host-to-device copy per step."""
-
-    def __init__(self, model: nn.Module, batch_sizes: tuple[int, ...], table_width: int,
-                 vocab_size: int, device: torch.device):
-        self.model = model
-        self.table_width = table_width
-        self.batch_sizes = sorted(batch_sizes)
-        self.inputs = torch.zeros(self._buffer_len(self.batch_sizes[-1]), dtype=torch.int32,
-                                  device=device)
-        self.cu_seqlens = torch.arange(self.batch_sizes[-1] + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        pool = torch.cuda.graph_pool_handle()
-        with torch.inference_mode():
-            for size in reversed(self.batch_sizes):  # largest first: the pool fits the rest
-                self.inputs[self._layout(size)["slots"]].fill_(-1)
-                self._forward(size)                  # warm-up (Triton compiles here)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.logits[size] = self._forward(size)
-                self.graphs[size] = graph
-        torch.cuda.synchronize()
-        logger.info("[textgen] captured decode CUDA graphs for batch sizes %s", self.batch_sizes)
-
-    def fits(self, batch: int) -> bool:
-        return batch <= self.batch_sizes[-1]
-
-    def _buffer_len(self, size: int) -> int:
-        return size * (4 + self.table_width)
-
-    @staticmethod
-    def _layout(size: int) -> dict[str, slice]:
-        return {name: slice(i * size, (i + 1) * size)
-                for i, name in enumerate(("ids", "positions", "slots", "context_lens"))}
-
-    def _forward(self, size: int) -> torch.Tensor:
-        part = {name: self.inputs[sl] for name, sl in self._layout(size).items()}
-        tables = self.inputs[4 * size:self._buffer_len(size)].view(size, self.table_width)
-        meta = AttentionMetadata(is_decode=True, slot_mapping=part["slots"],
-                                 context_lens=part["context_lens"], block_tables=tables,
-                                 cu_seqlens_q=self.cu_seqlens[:size + 1], max_seqlen_q=1)
-        hidden = self.model(part["ids"], part["positions"], meta)
-        return self.model.compute_logits(hidden)
-
-    def run(self, arrays: DecodeArrays, pinned) -> torch.Tensor:
-        """Replays the smallest graph holding the batch; pinned(n) gives a host buffer."""
-        batch = len(arrays.ids)
-        size = next(s for s in self.batch_sizes if s >= batch)
-        buffer = pinned(self._buffer_len(size))
-        host = buffer.numpy()
-        host[:] = 0
-        layout = self._layout(size)
-        host[layout["ids"]][:batch] = arrays.ids
-        host[layout["positions"]][:batch] = arrays.positions
-        slots = host[layout["slots"]]
-        slots[:batch] = arrays.slots
-        slots[batch:] = -1                    # padding rows store nothing
-        host[layout["context_lens"]][:batch] = arrays.context_lens  # padding rows read nothing
-        tables = host[4 * size:].reshape(size, self.table_width)
-        for row, ids in enumerate(arrays.block_ids):
-            tables[row, :len(ids)] = ids
-        self.inputs[:len(host)].copy_(buffer, non_blocking=True)
-        self.graphs[size].replay()
-        return self.logits[size][:batch]

@@ -44,6 +44,7 @@ class StepOutput:
     error: str | None = None           # the step failed for this sequence
     logprobs: list[TokenLogprob] | None = None         # one per new token, when tracked
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first prefill, when asked
+    scheduled_at: float | None = None  # with a sequence's first token: its first admission
 
 
 class Scheduler:
@@ -106,6 +107,8 @@ class Scheduler:
                 output.logprobs = [_token_logprob(sampled, row, seq.details.top_n_tokens)]
             if prompt_logprobs and seq.seq_id in prompt_logprobs:
                 output.prompt_logprobs = prompt_logprobs[seq.seq_id]
+            if len(seq.output_ids) == 1:
+                output.scheduled_at = seq.scheduled_at
             outputs.append(output)
         return outputs
 

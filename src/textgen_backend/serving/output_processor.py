@@ -2,7 +2,7 @@
 time limits, token details, best-of selection, streaming deltas or one whole result, and the
 request's single final response.
 
-Runs on the service's output thread, never on the engine thread. Tokens that arrive for a
+Runs on the service's output thread, never in the engine process. Tokens that arrive for a
 sequence after it stopped (a stop sequence or time limit: the engine learns of it a step
 later) are dropped.
 

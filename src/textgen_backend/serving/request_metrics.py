@@ -2,8 +2,10 @@
 
 GenerationService feeds it from submit() (Triton's model thread: arrival, validation, refusals)
 and from its output thread (first tokens; every response, error and final). The values are
-computed here, cheaply, and handed to a MetricsPublisher; the engine thread never calls in.
-A sequence's queue and inference times come from `Sequence.scheduled_at`, set by the scheduler.
+computed here, cheaply, and handed to a MetricsPublisher; the engine process never calls in.
+A sequence's queue and inference times come from its first admission, which the scheduler
+sends along with its first token (StepOutput.scheduled_at; time.monotonic() is one clock for
+every process of the machine).
 
 TGIS's conventions: a request counts once in tgi_request_count (kind "single", "batch" or
 "stream") and in tgi_request_failure (err "validation", "conc_limit", "shutdown",
@@ -18,7 +20,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from textgen_backend.serving.metrics import MetricsPublisher, Update
-from textgen_backend.engine.sequence import Sequence
 
 
 def request_kind(num_prompts: int, stream: bool) -> str:
@@ -30,8 +31,9 @@ class _Request:
     kind: str
     received: float                          # time.monotonic() at the generator
     validated: float
-    sequences: dict[int, Sequence]           # by sequence id
-    first_token: dict[int, float] = field(default_factory=dict)
+    seq_ids: list[int]
+    first_token: dict[int, float] = field(default_factory=dict)      # by sequence id
+    scheduled_at: dict[int, float] = field(default_factory=dict)     # by sequence id
     cancelled: bool = False
 
 
@@ -53,16 +55,16 @@ class RequestMetrics:
         updates.append(("tgi_request_failure", (err,), 1))
         self._publisher.publish(updates)
 
-    def accepted(self, sink, prompts, sequences: list[Sequence], received: float) -> None:
+    def accepted(self, sink, prompts, seq_ids: list[int], received: float) -> None:
         """A request whose sequences are about to be queued; call it before the engine can see
         them. prompts: request.Prompt of each row (best_of may give a prompt several sequences)."""
         now = time.monotonic()
         kind = request_kind(len(prompts), prompts[0].params.stream)
-        request = _Request(kind, received, now, {seq.seq_id: seq for seq in sequences})
+        request = _Request(kind, received, now, list(seq_ids))
         # Registered before the output thread can see any of its tokens or responses.
         self._requests[sink] = request
-        for seq in sequences:
-            self._awaiting_first[seq.seq_id] = request
+        for seq_id in seq_ids:
+            self._awaiting_first[seq_id] = request
         lengths = np.array([len(p.input_ids) for p in prompts])
         updates = self._arrival(kind, lengths)
         updates.append(("tgi_request_validation_duration", (), now - received))
@@ -88,6 +90,8 @@ class RequestMetrics:
                 request = self._awaiting_first.pop(out.seq_id, None)
                 if request is not None:
                     request.first_token[out.seq_id] = now
+                    if out.scheduled_at is not None:
+                        request.scheduled_at[out.seq_id] = out.scheduled_at
 
     def delivered(self, sends) -> None:
         """ProcessResult.sends: (sink, response, error, final) as they went to the clients."""
@@ -105,7 +109,7 @@ class RequestMetrics:
                 updates += self._finished(request, response, now)
             if final:
                 del self._requests[sink]
-                for seq_id in request.sequences:
+                for seq_id in request.seq_ids:
                     self._awaiting_first.pop(seq_id, None)
                 if request.cancelled:
                     updates.append(("tgi_request_failure", ("cancelled",), 1))
@@ -121,10 +125,10 @@ class RequestMetrics:
             ("tgi_request_generated_tokens", (), generated),
             ("tgi_request_total_tokens", (), response.num_input_tokens + generated),
         ]
-        seq = request.sequences.get(response.sequence_id)
-        if seq is not None and seq.scheduled_at is not None:
-            inference = now - seq.scheduled_at
-            updates.append(("tgi_request_queue_duration", (), seq.scheduled_at - request.validated))
+        scheduled = request.scheduled_at.get(response.sequence_id)
+        if scheduled is not None:
+            inference = now - scheduled
+            updates.append(("tgi_request_queue_duration", (), scheduled - request.validated))
             updates.append(("tgi_request_inference_duration", (), inference))
             if generated:
                 updates.append(("tgi_request_mean_time_per_token_duration", (),

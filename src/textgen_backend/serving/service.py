@@ -1,10 +1,10 @@
-"""The generation service behind the `generator` model: the engine on a background thread and
-an output thread that turns its tokens into responses.
+"""The generation service behind the `generator` model: the engine in a process of its own
+(engine_process.py) and an output thread that turns its tokens into responses.
 
-submit() only validates and enqueues; the engine thread runs steps back to back while there is
-work; the output thread detokenizes, applies stop sequences, sends responses (one final
-response per request, from there alone) and notices cancelled clients. Neither thread ever
-waits for the other inside a step.
+submit() only validates and sends the sequences to the engine process, which runs steps back
+to back while there is work; the output thread detokenizes, applies stop sequences, sends
+responses (one final response per request, from there alone) and notices cancelled clients.
+Neither ever waits for the other inside a step.
 """
 from __future__ import annotations
 
@@ -15,17 +15,17 @@ import threading
 import time
 
 import numpy as np
-import torch
 
 from textgen_backend.config import EngineConfig
 from textgen_backend.serving.drain import DrainFiles
-from textgen_backend.engine.engine import Engine
+from textgen_backend.serving.engine_process import EngineProcess, EngineProcessDied
 from textgen_backend.serving.metrics import EngineMetrics, MetricsPublisher
 from textgen_backend.serving.output_processor import (Candidate, OutputProcessor, ProcessResult,
                                                       ResponseSink)
 from textgen_backend.sampling.params import RequestError
 from textgen_backend.serving.request import Prompt, parse_prompts
 from textgen_backend.serving.request_metrics import RequestMetrics
+from textgen_backend.engine.scheduler import StepOutput
 from textgen_backend.engine.sequence import Sequence
 from textgen_backend.serving.tokenizer import load_tokenizer
 from textgen_backend.weights.loading import resolve_model_dir
@@ -36,7 +36,7 @@ _CANCEL_POLL_SECONDS = 0.05
 
 
 class GenerationService:
-    def __init__(self, config: EngineConfig, metrics_sink, device: torch.device | None = None,
+    def __init__(self, config: EngineConfig, metrics_sink, device: str | None = None,
                  drain: DrainFiles | None = None):
         """metrics_sink receives every metric update (metrics.TritonMetrics in the server), on a
         thread of its own; drain: where a supervisor asks for a graceful shutdown."""
@@ -51,20 +51,17 @@ class GenerationService:
         self._engine_metrics = EngineMetrics()
         model_dir = resolve_model_dir(config.model_id, config.revision,
                                       config.huggingface_hub_cache)
-        self.engine = Engine(config, model_dir, device)
         self.outputs = OutputProcessor(load_tokenizer(model_dir, config.tokenizer_config_path,
                                                       config.trust_remote_code),
                                        config.stream_responses_per_second)
-        self._commands: queue.Queue = queue.Queue()
         self._results: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._num_active = 0          # sequences submitted and not yet finished
         self._next_seq_id = 1
-        self._engine_thread = threading.Thread(target=self._engine_loop, name="textgen-engine",
-                                               daemon=True)
+        self._engine_error: str | None = None   # set when the engine process died
+        self.engine = EngineProcess(config, model_dir, device, self._on_engine_message)
         self._output_thread = threading.Thread(target=self._output_loop, name="textgen-output",
                                                daemon=True)
-        self._engine_thread.start()
         self._output_thread.start()
 
     @property
@@ -83,6 +80,9 @@ class GenerationService:
         candidates = [self._candidate(p, i, arrival)
                       for p in prompts for i in range(p.params.best_of)]
         with self._lock:
+            if self._engine_error is not None:
+                self._request_metrics.refused(inputs, "generate")
+                raise RequestError(f"the engine is not running: {self._engine_error}")
             if self._drain_deadline is not None:
                 self._request_metrics.refused(inputs, "shutdown")
                 raise RequestError("server is shutting down: no new requests are accepted")
@@ -103,8 +103,8 @@ class GenerationService:
                                  dataclasses.replace(params.sampling, seed=c.seed),
                                  params.stopping, details=params.details,
                                  track_logprobs=params.details.per_token or params.best_of > 1))
-        self._request_metrics.accepted(sink, prompts, seqs, arrival)
-        self._commands.put(("add", seqs))
+        self._request_metrics.accepted(sink, prompts, seq_ids, arrival)
+        self._send(("add", seqs))
 
     @staticmethod
     def _candidate(prompt: Prompt, index: int, arrival: float) -> Candidate:
@@ -125,52 +125,36 @@ class GenerationService:
             return self._num_active
 
     def shutdown(self) -> None:
-        """Fails what is in flight with an error response, then stops both threads."""
-        self._commands.put(("shutdown",))
-        self._engine_thread.join()
+        """Fails what is in flight with an error response, then stops the engine process and
+        the output thread."""
+        self._send(("shutdown",))
+        self.engine.join(timeout=60)   # its last outputs are queued by then
+        self._results.put(("shutdown",))
         self._output_thread.join()
         self._publisher.close()
 
-    # --- engine thread -------------------------------------------------------------------------
+    # --- the engine process --------------------------------------------------------------------
 
-    def _engine_loop(self) -> None:
-        while True:
-            try:
-                if not self._engine_iteration():
-                    return
-            except Exception:  # never let the engine thread die: the server would hang
-                logger.exception("[textgen] engine loop error")
-                self._results.put(("step", self.engine.fail_all("internal engine error")))
-
-    def _engine_iteration(self) -> bool:
-        """Applies queued commands, then runs one step if there is work; False on shutdown."""
-        engine = self.engine
-        for command in self._drain(self._commands, block=not engine.has_work()):
-            if command[0] == "add":
-                for seq in command[1]:
-                    engine.add(seq)
-            elif command[0] == "abort":
-                for seq_id in command[1]:
-                    engine.abort(seq_id, command[2])
-            else:  # shutdown
-                self._results.put(("step", engine.fail_all("server is shutting down")))
-                self._results.put(("shutdown",))
-                return False
-        if not engine.has_work():
-            return True
-        failure = None
+    def _send(self, command: tuple) -> None:
         try:
-            outputs = engine.step()
-        except Exception as exc:  # a failed step fails its sequences, not the server
-            logger.exception("[textgen] engine step failed")
-            failure = "oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error"
-            outputs = engine.fail_all(f"generation failed: {exc}")
-        if outputs:
-            self._results.put(("step", outputs))
-        # A generator: the updates are computed on the publisher's thread, from this snapshot.
-        self._publisher.publish(self._engine_metrics.updates(engine.last_step, engine.stats(),
-                                                             failure))
-        return True
+            self.engine.send(command)
+        except EngineProcessDied:
+            pass  # the reader thread reports the death, failing what is in flight
+
+    def _on_engine_message(self, message: tuple) -> None:
+        """On the engine reader thread: step outputs go to the output thread, statistics to
+        the metrics publisher (computed on its thread, from this snapshot)."""
+        kind = message[0]
+        if kind == "step":
+            _, outputs, last_step, stats, failure = message
+            if outputs:
+                self._results.put(("step", outputs))
+            self._publisher.publish(self._engine_metrics.updates(last_step, stats, failure))
+        elif kind == "failed":  # the process died: nothing in flight can finish
+            logger.error("[textgen] %s; failing the requests in flight", message[1])
+            with self._lock:
+                self._engine_error = message[1]
+            self._results.put(("engine_failed", message[1]))
 
     # --- output thread -------------------------------------------------------------------------
 
@@ -188,6 +172,9 @@ class GenerationService:
                     step_outputs += message[1]
                 elif kind == "cancel":
                     self._abort(self.outputs.seq_ids_of_request(message[1]), "cancelled")
+                elif kind == "engine_failed":
+                    step_outputs += [StepOutput(seq_id, [], "error", message[1])
+                                     for seq_id in self.outputs.requests]
                 else:
                     stopping = True
             if step_outputs:
@@ -239,7 +226,7 @@ class GenerationService:
 
     def _abort(self, seq_ids: list[int], reason: str) -> None:
         if seq_ids:
-            self._commands.put(("abort", seq_ids, reason))
+            self._send(("abort", seq_ids, reason))
 
     @staticmethod
     def _drain(q: queue.Queue, block: bool, timeout: float | None = None) -> list:

@@ -1,0 +1,97 @@
+"""The engine runs in a child process of the generator's stub (serving/engine_process.py): its
+death fails the requests in flight with an error that says so and refuses new ones while the
+server stays up; a killed server leaves no engine process behind."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import _serve
+from textgen_client import TextgenClient, TextgenError
+
+pytestmark = pytest.mark.e2e
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def engine_processes(server_pid: int) -> list[int]:
+    """The engine processes under a tritonserver (its stubs' spawned children)."""
+    found, pending = [], [server_pid]
+    while pending:
+        pid = pending.pop()
+        for child in _children(pid):
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"multiprocessing.spawn" in cmdline:
+                found.append(child)
+            pending.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.fixture
+def server(tiny_model_dir, tmp_path_factory):
+    yield from _serve(tmp_path_factory, "engine-process", model_id=str(tiny_model_dir),
+                      max_input_tokens=100, max_total_tokens=512)
+
+
+def test_engine_death_fails_requests_in_flight_and_refuses_new_ones(server):
+    [engine] = engine_processes(server.process.pid)
+    client = TextgenClient(server.grpc_url)
+    try:
+        chunks = client.stream("The quick brown fox", max_tokens=400, ignore_eos=True)
+        next(chunks)                                   # generating now
+        os.kill(engine, signal.SIGKILL)
+        with pytest.raises(TextgenError, match="engine process exited"):
+            for _ in chunks:
+                pass
+        with pytest.raises(TextgenError, match="the engine is not running"):
+            client.generate("Hello", max_tokens=4)
+    finally:
+        client.close()
+    assert server.is_alive()
+    with urllib.request.urlopen(f"{server.http_url}/v2/health/live", timeout=5) as response:
+        assert response.status == 200
+    metrics = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    assert 'tgi_request_failure{err="generate"' in metrics
+
+
+def test_a_killed_server_leaves_no_engine_process(server):
+    [engine] = engine_processes(server.process.pid)
+    assert _alive(engine)
+    server.process.kill()
+    server.process.wait()
+    assert _wait(lambda: not _alive(engine), timeout=30), "the engine process outlived its server"
