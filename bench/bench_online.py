@@ -12,7 +12,8 @@ generator's own CPU time per request is printed so that it can be told apart fro
 `inf` sends every request at once (saturation); `--concurrency N` adds closed-loop runs: N
 streams, each sending its next request when the last one ended. From the server's metrics
 endpoint (`--metrics-url`, default port 8002 of the --url host), each load's mean decode step
-and batch size are printed beside the inter-token latency the client saw. The load generator is one asyncio event loop
+and batch size are printed beside the inter-token latency the client saw, and the mean time to
+first token and queue time as the generator measured them beside the client's TTFT. The load generator is one asyncio event loop
 (tritonclient.grpc.aio, one stream per request); `--client threads` uses textgen_client's
 blocking streams instead, a thread each, to compare their CPU cost. On a GPU machine,
 `--serve-llama3-8b` first starts tritonserver on a random-weight Llama-3-8B-shaped model (bf16,
@@ -35,7 +36,11 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
 
-from common import engine_steps_from_metrics, print_table, sharegpt_workload
+from common import engine_steps_from_metrics, histogram_totals, print_table, sharegpt_workload
+
+# Where a request's first token waits, as the server sees it: arrival at the generator to the
+# first token at its output thread, and validation to the first prefill.
+SERVER_LATENCIES = ("textgen_time_to_first_token_seconds", "tgi_request_queue_duration")
 from textgen_client import TextgenClient
 from textgen_client.client import build_inputs
 
@@ -261,10 +266,12 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="write the latency-throughput plot (PNG)")
     parser.add_argument("--serve-llama3-8b", action="store_true",
                         help="serve a random-weight Llama-3-8B shape (GPU) and measure it")
+    parser.add_argument("--stream-responses-per-second", type=int, default=None,
+                        help="with --serve-llama3-8b: the server's response budget")
     args = parser.parse_args()
     if not 0 < args.max_input_tokens < args.max_total_tokens:
         parser.error("need 0 < --max-input-tokens < --max-total-tokens")
-    server = serve_llama3_8b() if args.serve_llama3_8b else None
+    server = serve_llama3_8b(args.stream_responses_per_second) if args.serve_llama3_8b else None
     if server is not None:
         args.url, args.metrics_url = server.grpc_url, server.metrics_url
     if args.metrics_url is None:
@@ -276,7 +283,7 @@ def main() -> None:
             server.stop()
 
 
-def serve_llama3_8b():
+def serve_llama3_8b(responses_per_second: int | None):
     import tempfile
 
     from bench_throughput import engine_config
@@ -286,7 +293,10 @@ def serve_llama3_8b():
     model_dir = llama3_8b_dir()
     write_synthetic_tokenizer(model_dir, LLAMA3_8B["vocab_size"])
     started = time.perf_counter()
-    server = TritonServer(engine_config(model_dir), Path(tempfile.mkdtemp()), startup_timeout=600)
+    overrides = ({} if responses_per_second is None
+                 else {"stream_responses_per_second": responses_per_second})
+    server = TritonServer(engine_config(model_dir, **overrides), Path(tempfile.mkdtemp()),
+                          startup_timeout=600)
     print(f"served a Llama-3-8B shape in {time.perf_counter() - started:.0f}s", flush=True)
     return server
 
@@ -317,12 +327,14 @@ def measure(args) -> None:
     print_table("Online serving (streaming gRPC through the ensemble; latencies in ms)",
                 ["load", "achieved req/s", "failed", "output tok/s", "TTFT p50", "TTFT p99",
                  "ITL p50", "ITL p99", "E2E p50", "E2E p99", "client CPU ms/req",
-                 "server decode step", "mean batch", "ITL p50 / step"],
+                 "server decode step", "mean batch", "ITL p50 / step", "server TTFT mean",
+                 "server queue mean"],
                 [[r["load"], r["achieved_rate"], r["failed"], r["output_tokens_per_s"],
                   r["ttft_ms"]["p50"], r["ttft_ms"]["p99"], r["itl_ms"]["p50"],
                   r["itl_ms"]["p99"], r["e2e_ms"]["p50"], r["e2e_ms"]["p99"],
                   r["client_cpu_ms_per_request"], r["decode_step_ms"], r["decode_batch"],
-                  r["itl_ms"]["p50"] / r["decode_step_ms"]] for r in results])
+                  r["itl_ms"]["p50"] / r["decode_step_ms"], r["server_ttft_mean_ms"],
+                  r["server_queue_mean_ms"]] for r in results])
     for r in results:
         if r["failed"]:
             print(f"{r['load']}: {r['failed']} failed, e.g. {r['errors'][0]}")
@@ -336,21 +348,28 @@ def measure(args) -> None:
 def with_server_steps(metrics_url: str, load) -> dict:
     """Runs load(); adds the server's mean decode step (ms) and batch size over the run (nan
     when its metrics cannot be read)."""
-    def decode_totals():
+    def totals():
         try:
-            return engine_steps_from_metrics(metrics_url).get("next_token", [0.0] * 4)
+            return (engine_steps_from_metrics(metrics_url).get("next_token", [0.0] * 4),
+                    histogram_totals(metrics_url, SERVER_LATENCIES))
         except OSError:
             return None
 
-    before = decode_totals()
+    before = totals()
     result = load()
     time.sleep(1.0)  # the server publishes step metrics from a thread of its own
-    after = decode_totals()
+    after = totals()
     steps = seconds = sequences = 0.0
+    means = {name: math.nan for name in SERVER_LATENCIES}
     if before is not None and after is not None:
-        steps, seconds, _, sequences = (a - b for a, b in zip(after, before))
+        steps, seconds, _, sequences = (a - b for a, b in zip(after[0], before[0]))
+        for name in SERVER_LATENCIES:
+            total, count = (a - b for a, b in zip(after[1][name], before[1][name]))
+            means[name] = 1e3 * total / count if count else math.nan
     result["decode_step_ms"] = 1e3 * seconds / steps if steps else math.nan
     result["decode_batch"] = sequences / steps if steps else math.nan
+    result["server_ttft_mean_ms"] = means["textgen_time_to_first_token_seconds"]
+    result["server_queue_mean_ms"] = means["tgi_request_queue_duration"]
     return result
 
 

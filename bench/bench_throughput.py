@@ -108,6 +108,10 @@ def gpu_busy_fraction(engine, seqs, steps: int) -> float:
     return busy_us / 1e6 / t.seconds
 
 
+def _started(_) -> None:
+    time.sleep(0.5)  # holds its worker, so that every worker has started and imported
+
+
 def _client_worker(args):
     """Streams `jobs` with `streams` threads; returns (output tokens, this process's CPU s)."""
     url, jobs, streams = args
@@ -151,6 +155,7 @@ def through_tritonserver(model_dir: Path, requests, clients: int, streams: int) 
         _client_worker((server.grpc_url, [(16, 8)] * 4, 4))  # warm-up
         before = engine_steps_from_metrics(server.metrics_url)
         with multiprocessing.get_context("spawn").Pool(clients) as pool:
+            pool.map(_started, range(clients), chunksize=1)  # workers up: imports not timed
             started = time.perf_counter()
             results = pool.map(_client_worker, shards)
             seconds = time.perf_counter() - started

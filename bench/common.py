@@ -157,6 +157,21 @@ def engine_steps_from_metrics(metrics_url: str) -> dict:
     return totals
 
 
+def histogram_totals(metrics_url: str, names: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    """{histogram: (sum, count)} over all its label sets, from the server's metrics."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    totals = {}
+    for name in names:
+        sums = [float(v) for v in re.findall(rf"^{name}_sum(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+        counts = [float(v) for v in re.findall(rf"^{name}_count(?:{{[^}}]*}})? (\S+)$", text,
+                                               re.M)]
+        totals[name] = (sum(sums), sum(counts))
+    return totals
+
+
 def print_table(title: str, headers: list[str], rows: list[list]) -> None:
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

@@ -112,8 +112,9 @@ class EngineConfig:
     block_size: int = flag("Tokens per KV-cache block.", default=16)
     stream_responses_per_second: int = flag(
         "Streamed responses per second shared by all streams: past it, a stream's tokens are "
-        "coalesced into fewer, longer deltas (each response has a fixed cost in Triton).",
-        default=4000)
+        "coalesced into fewer, longer deltas (each response has a fixed cost in Triton: at "
+        "4000 on an H200 machine the response path fell behind the engine, 1000 kept up).",
+        default=1000)
     cuda_memory_fraction: float = flag("Fraction of the GPU's memory the engine may use.",
                                        default=0.9)
     cuda_graphs: str = flag("Decode batch sizes to capture CUDA graphs for (a batch runs in the "
