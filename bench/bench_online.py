@@ -251,6 +251,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests per rate")
     parser.add_argument("--concurrency", default="",
                         help="closed-loop stream counts, comma-separated (after the rates)")
+    parser.add_argument("--fixed-lengths", default=None, metavar="IN,OUT",
+                        help="every request IN prompt words and OUT output tokens instead of "
+                             "ShareGPT-shaped lengths (to compare with genai-perf's synthetic "
+                             "prompts)")
     parser.add_argument("--metrics-url", default=None,
                         help="the server's metrics (default: port 8002 of the --url host)")
     parser.add_argument("--max-input-tokens", type=int, default=1024,
@@ -304,7 +308,11 @@ def serve_llama3_8b(responses_per_second: int | None):
 def measure(args) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=Path(__file__).parent).stdout.strip()
-    jobs = workload(args.requests, args.seed, args.max_input_tokens, args.max_total_tokens)
+    if args.fixed_lengths:
+        n_in, n_out = (int(n) for n in args.fixed_lengths.split(","))
+        jobs = [(n_in, n_out)] * args.requests
+    else:
+        jobs = workload(args.requests, args.seed, args.max_input_tokens, args.max_total_tokens)
     texts = prompts(jobs, args.seed, synthetic_ids=args.serve_llama3_8b)
     settings = {"commit": commit, "url": args.url, "client": args.client,
                 "requests_per_rate": args.requests, "seed": args.seed,

@@ -196,3 +196,29 @@ def test_token_details_and_input_details_are_json_per_token():
     assert [d["id"] for d in prompt_details] == [5, 6]
     assert prompt_details[0]["logprob"] is None and prompt_details[1]["rank"] == 3
     assert second.input_token_details == []
+
+
+def test_cancellation_polls_ask_a_bounded_share_of_the_clients_in_turn():
+    from textgen_backend.serving.output_processor import CANCEL_CHECKS_PER_POLL
+
+    class CountingSink(ListSink):
+        def __init__(self, cancelled=False):
+            super().__init__()
+            self.asked, self.cancelled = 0, cancelled
+
+        def is_cancelled(self):
+            self.asked += 1
+            return self.cancelled
+
+    _, processor, _ = setup()
+    n = 2 * CANCEL_CHECKS_PER_POLL + 3
+    sinks = [CountingSink(cancelled=(i == n - 1)) for i in range(n)]
+    for i, sink in enumerate(sinks):
+        processor.register(sink, [prompt()], [i])
+    found = []
+    for poll in range(3):
+        found += processor.newly_cancelled()
+        assert sum(s.asked for s in sinks) == (poll + 1) * CANCEL_CHECKS_PER_POLL
+    assert found == [[n - 1]]                   # the last client, reached on the third poll
+    assert all(s.asked >= 1 for s in sinks)     # three polls went round all of them once
+    assert processor.newly_cancelled() == []    # a cancelled request is not asked again
