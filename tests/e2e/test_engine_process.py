@@ -89,6 +89,24 @@ def test_engine_death_fails_requests_in_flight_and_refuses_new_ones(server):
     assert 'tgi_request_failure{err="generate"' in metrics
 
 
+def test_ctrl_c_or_sigterm_to_the_engine_process_leaves_its_work_alone(server):
+    """Ctrl-C in the terminal that runs tritonserver signals every process of its group; the
+    engine's shutdown is the generator's call (it drains first)."""
+    [engine] = engine_processes(server.process.pid)
+    client = TextgenClient(server.grpc_url)
+    try:
+        chunks = client.stream("The quick brown fox", max_tokens=60, ignore_eos=True)
+        first = next(chunks)
+        os.kill(engine, signal.SIGINT)
+        os.kill(engine, signal.SIGTERM)
+        rest = list(chunks)
+    finally:
+        client.close()
+    assert rest[-1].finish_reason == "length"
+    assert sum(len(c.output_ids) for c in [first, *rest]) == 60
+    assert _alive(engine)
+
+
 def test_a_killed_server_leaves_no_engine_process(server):
     [engine] = engine_processes(server.process.pid)
     assert _alive(engine)

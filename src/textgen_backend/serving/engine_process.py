@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from textgen_backend.config import EngineConfig, EngineLimits
@@ -96,6 +98,10 @@ class EngineProcess:
 
 
 def _child_main(config_json: str, model_dir: str, device: str | None, conn) -> None:
+    # A Ctrl-C or a group-wide SIGTERM reaches this process too; shutting down is the parent's
+    # call (it drains, then sends "shutdown"), and its death ends this loop anyway.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     import torch
 
     from textgen_backend.logs import configure_logging
@@ -130,6 +136,7 @@ class _EngineLoop:
                 logger.exception("[textgen] engine loop error")
                 self.conn.send(("step", self.engine.fail_all("internal engine error"), None,
                                 self.engine.stats(), "error"))
+                time.sleep(0.1)  # an error that repeats must not spin the loop
 
     def _commands(self) -> list:
         """Queued commands; waits for one while there is no work (checking that the parent
