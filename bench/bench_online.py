@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
 
-from common import engine_steps_from_metrics, histogram_totals, print_table, sharegpt_workload
+from common import (engine_steps, histogram_totals, print_table, read_metrics,
+                    sharegpt_workload)
 
 # Where a request's first token waits, as the server sees it: arrival at the generator to the
 # first token at its output thread, and validation to the first prefill.
@@ -358,10 +359,11 @@ def with_server_steps(metrics_url: str, load) -> dict:
     when its metrics cannot be read)."""
     def totals():
         try:
-            return (engine_steps_from_metrics(metrics_url).get("next_token", [0.0] * 4),
-                    histogram_totals(metrics_url, SERVER_LATENCIES))
+            text = read_metrics(metrics_url)
         except OSError:
             return None
+        return (engine_steps(text).get("next_token", [0.0] * 4),
+                histogram_totals(text, SERVER_LATENCIES))
 
     before = totals()
     result = load()

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (LLAMA3_8B, Timer, engine_steps_from_metrics, hf_llama3_8b, llama3_8b_dir,
-                    measure_ceilings, print_table, release_gpu_memory, sharegpt_workload,
-                    synthetic_prompt, write_synthetic_tokenizer)
+from common import (LLAMA3_8B, Timer, engine_steps, hf_llama3_8b, llama3_8b_dir,
+                    measure_ceilings, print_table, read_metrics, release_gpu_memory,
+                    sharegpt_workload, synthetic_prompt, write_synthetic_tokenizer)
 
 MAX_LEN = 1024
 
@@ -153,14 +153,14 @@ def through_tritonserver(model_dir: Path, requests, clients: int, streams: int) 
     try:
         shards = [(server.grpc_url, requests[i::clients], streams) for i in range(clients)]
         _client_worker((server.grpc_url, [(16, 8)] * 4, 4))  # warm-up
-        before = engine_steps_from_metrics(server.metrics_url)
+        before = engine_steps(read_metrics(server.metrics_url))
         with multiprocessing.get_context("spawn").Pool(clients) as pool:
             pool.map(_started, range(clients), chunksize=1)  # workers up: imports not timed
             started = time.perf_counter()
             results = pool.map(_client_worker, shards)
             seconds = time.perf_counter() - started
         time.sleep(2)  # metrics are published from their own thread
-        after = engine_steps_from_metrics(server.metrics_url)
+        after = engine_steps(read_metrics(server.metrics_url))
     finally:
         server.stop()
     steps = {m: [a - b for a, b in zip(v, before.get(m, [0.0] * 4))] for m, v in after.items()}

@@ -139,37 +139,38 @@ def synthetic_prompt(num_words: int) -> str:
     return " ".join(f"t{(7 * k) % 128000}" for k in range(num_words))
 
 
-def engine_steps_from_metrics(metrics_url: str) -> dict:
-    """{method: (steps, seconds in steps, seconds in forward, sequences)} from the server's
-    tgi_batch_* series: where the served engine spent the run."""
-    import re
+def read_metrics(metrics_url: str) -> str:
     import urllib.request
 
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+
+
+def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of `name` in Prometheus text: (labels, value)."""
+    import re
+
+    return [(dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value))
+            for labels, value in re.findall(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", text, re.M)]
+
+
+def engine_steps(text: str) -> dict:
+    """{method: [steps, seconds in steps, seconds in forward, sequences]} from the server's
+    tgi_batch_* series (metrics text): where the served engine spent the run."""
     totals: dict = {}
-    for name, key in (("tgi_batch_inference_duration_count", 0),
-                      ("tgi_batch_inference_duration_sum", 1),
-                      ("tgi_batch_inference_forward_duration_sum", 2),
-                      ("tgi_batch_inference_batch_size_sum", 3)):
-        for method, value in re.findall(rf'^{name}{{[^}}]*method="(\w+)"[^}}]*}} (\S+)$', text,
-                                        re.M):
-            totals.setdefault(method, [0.0] * 4)[key] += float(value)
+    for key, name in enumerate(("tgi_batch_inference_duration_count",
+                                "tgi_batch_inference_duration_sum",
+                                "tgi_batch_inference_forward_duration_sum",
+                                "tgi_batch_inference_batch_size_sum")):
+        for labels, value in metric_samples(text, name):
+            totals.setdefault(labels["method"], [0.0] * 4)[key] += value
     return totals
 
 
-def histogram_totals(metrics_url: str, names: tuple[str, ...]) -> dict[str, tuple[float, float]]:
-    """{histogram: (sum, count)} over all its label sets, from the server's metrics."""
-    import re
-    import urllib.request
-
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    totals = {}
-    for name in names:
-        sums = [float(v) for v in re.findall(rf"^{name}_sum(?:{{[^}}]*}})? (\S+)$", text, re.M)]
-        counts = [float(v) for v in re.findall(rf"^{name}_count(?:{{[^}}]*}})? (\S+)$", text,
-                                               re.M)]
-        totals[name] = (sum(sums), sum(counts))
-    return totals
+def histogram_totals(text: str, names: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    """{histogram: (sum, count)} over all its label sets, from metrics text."""
+    return {name: tuple(sum(value for _, value in metric_samples(text, f"{name}_{part}"))
+                        for part in ("sum", "count"))
+            for name in names}
 
 
 def print_table(title: str, headers: list[str], rows: list[list]) -> None:

@@ -1,5 +1,6 @@
-"""Logging setup for the launcher and the Python models and the engine process: plain lines or, with --json-output,
-one JSON object per line in the shape of TGI's (timestamp, level, fields.message, target)."""
+"""Logging setup for the launcher, the Python models and the engine process: plain lines or,
+with --json-output, one JSON object per line in the shape of TGI's (timestamp, level,
+fields.message, target)."""
 from __future__ import annotations
 
 import json

@@ -69,9 +69,22 @@ class _GraphSet:
         return self.logits[size][:rows]
 
 
-def _tables_into(tables: np.ndarray, block_ids: list[list[int]]) -> None:
+def fill_block_tables(tables: np.ndarray, block_ids: list[list[int]]) -> None:
+    """Row i of a zeroed [batch, width] table gets sequence i's block ids."""
     for row, ids in enumerate(block_ids):
         tables[row, :len(ids)] = ids
+
+
+def _fill(arrays: StepArrays, ids, positions, slots, context_lens, tables) -> None:
+    """Writes a step into the parts of a zeroed host buffer: token slots past the step's tokens
+    are padding (-1, nothing stored), sequence rows past its sequences read nothing (length 0)."""
+    num_tokens, batch = len(arrays.ids), len(arrays.context_lens)
+    ids[:num_tokens] = arrays.ids
+    positions[:num_tokens] = arrays.positions
+    slots[:num_tokens] = arrays.slots
+    slots[num_tokens:] = -1
+    context_lens[:batch] = arrays.context_lens
+    fill_block_tables(tables, arrays.block_ids)
 
 
 class DecodeGraphs:
@@ -96,9 +109,14 @@ class DecodeGraphs:
     def _prepare(self, size: int) -> None:
         self.set.inputs[2 * size:3 * size].fill_(-1)
 
+    def _split(self, size: int, buffer):
+        """(ids, positions, slots, context_lens, tables) of the graph for `size` sequences."""
+        ids, positions, slots, context_lens, tables = buffer[:self._buffer_len(size)].split(
+            [size, size, size, size, size * self.table_width])
+        return ids, positions, slots, context_lens, tables.reshape(size, self.table_width)
+
     def _forward(self, size: int) -> torch.Tensor:
-        ids, positions, slots, context_lens = self.set.inputs[:4 * size].split(size)
-        tables = self.set.inputs[4 * size:self._buffer_len(size)].view(size, self.table_width)
+        ids, positions, slots, context_lens, tables = self._split(size, self.set.inputs)
         meta = AttentionMetadata(is_decode=True, slot_mapping=slots, context_lens=context_lens,
                                  block_tables=tables, cu_seqlens_q=self.cu_seqlens[:size + 1],
                                  max_seqlen_q=1)
@@ -109,15 +127,8 @@ class DecodeGraphs:
         batch = len(arrays.ids)
         size = self.set.smallest(batch)
         buffer = pinned(self._buffer_len(size))
-        host = buffer.numpy()
-        host[:] = 0
-        ids, positions, slots, context_lens = (host[i * size:(i + 1) * size] for i in range(4))
-        ids[:batch] = arrays.ids
-        positions[:batch] = arrays.positions
-        slots[:batch] = arrays.slots
-        slots[batch:] = -1
-        context_lens[:batch] = arrays.context_lens
-        _tables_into(host[4 * size:].reshape(size, self.table_width), arrays.block_ids)
+        buffer.zero_()
+        _fill(arrays, *(part.numpy() for part in self._split(size, buffer)))
         return self.set.replay(size, buffer, batch)
 
 
@@ -172,12 +183,7 @@ class PrefillGraphs:
         buffer.zero_()
         ids, positions, slots, context_lens, cu_seqlens, tables = (
             part.numpy() for part in self._split(size, buffer))
-        ids[:num_tokens] = arrays.ids
-        positions[:num_tokens] = arrays.positions
-        slots[:num_tokens] = arrays.slots
-        slots[num_tokens:] = -1
-        context_lens[:batch] = arrays.context_lens
+        _fill(arrays, ids, positions, slots, context_lens, tables)
         cu_seqlens[:batch + 1] = arrays.cu_seqlens
         cu_seqlens[batch + 1:] = num_tokens
-        _tables_into(tables, arrays.block_ids)
         return self.set.replay(size, buffer, batch)

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from textgen_backend.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, StepArrays
+from textgen_backend.engine.cuda_graphs import (DecodeGraphs, PrefillGraphs, StepArrays,
+                                                fill_block_tables)
 from textgen_backend.layers.attention import AttentionMetadata
 from textgen_backend.models.config import ModelConfig
 from textgen_backend.sampling.sampler import SampleOutput, build_sampling_batch, sample
@@ -193,8 +194,7 @@ class ModelRunner:
     @staticmethod
     def _tables(block_ids: list[list[int]]) -> np.ndarray:
         tables = np.zeros((len(block_ids), max(len(ids) for ids in block_ids)), dtype=np.int32)
-        for row, ids in enumerate(block_ids):
-            tables[row, :len(ids)] = ids
+        fill_block_tables(tables, block_ids)
         return tables
 
     def _slots(self, block_ids: list[int], num_tokens: int) -> np.ndarray:

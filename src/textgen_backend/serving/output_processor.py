@@ -179,7 +179,7 @@ class OutputProcessor:
         self._cancel_cursor = start + len(chosen)
         cancelled = []
         for state in chosen:
-            if not state.cancel_requested and state.sink.is_cancelled():
+            if state.sink.is_cancelled():
                 state.cancel_requested = True
                 cancelled.append([i for i, s in state.sequences.items() if not s.finish_reason])
         return cancelled
