@@ -72,7 +72,7 @@ LOCK_VENV ?= .venv-lock
 lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install -q uv==0.13.9
-	UV=$(LOCK_VENV)/bin/uv requirements/lock.sh
+	UV=$(abspath $(LOCK_VENV))/bin/uv requirements/lock.sh
 
 # The next upstream break, before users meet it: the newest versions pyproject.toml allows (the
 # CPU torch stays the locked one: the newest on PyPI is a multi-GB CUDA build) in a scratch venv,

@@ -12,6 +12,9 @@ compile() {
 # The server's venv: everything pyproject.toml needs (with the test extra) and the CPU torch,
 # resolved together; torch then goes into a lock of its own so a CUDA build can replace it
 # (make install TORCH=...).
+# The current pins seed the output file, which uv keeps where they still satisfy the inputs: a
+# new dependency does not move the others (UPGRADE=1 re-resolves everything).
+if [ -z "${UPGRADE:-}" ]; then cat server.lock torch-cpu.lock > all.tmp; fi
 compile ../pyproject.toml --extra test torch-cpu.in -o all.tmp
 python3 - <<'PY'
 import re
