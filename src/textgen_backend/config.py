@@ -23,6 +23,7 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("TEXTGEN_CACHE") or Path.home() / ".cache" / "textgen")
 
 QUANTIZE = ("gptq", "awq")
+ADAPTER_SOURCES = ("hub", "local")
 LOAD_FORMATS = ("safetensors", "pt", "dummy")
 
 
@@ -126,6 +127,26 @@ class EngineConfig:
                                     default="16,32,64,128,256,512")
     disable_custom_kernels: bool = flag("Use the pure-torch reference ops instead of our Triton "
                                         "kernels on the GPU (no CUDA graphs then).", default=False)
+    adapter_id: str | None = flag("LoRA adapters loaded at start and never evicted, comma-"
+                                  "separated (each resolved with --adapter-source).")
+    adapter_source: str = flag("Where adapter ids are looked up when a request (or "
+                               "--adapter-id) does not say: \"hub\" (the local Hugging Face "
+                               "cache, never downloaded) or \"local\" (a directory path or a "
+                               "name under --adapter-directory).", default="hub",
+                               choices=ADAPTER_SOURCES)
+    adapter_directory: str | None = flag("Directory whose subdirectories are local adapters "
+                                         "by name.")
+    max_active_adapters: int = flag("Most adapters resident at once (each holds a slot of "
+                                    "--max-lora-rank); more are loaded as others go idle or "
+                                    "yield.", default=1024)
+    adapter_cycle_time_s: float = flag("When more adapters wait than fit, every this many "
+                                       "seconds the longest-resident one stops admitting new "
+                                       "requests so that its slot frees.", default=2.0)
+    adapter_memory_fraction: float = flag("Fraction of device memory reserved for adapter "
+                                          "slots, taken from the KV cache's budget (host memory "
+                                          "on the CPU).", default=0.1)
+    max_lora_rank: int = flag("Highest LoRA rank an adapter may have (sizes every slot); "
+                              "\"0\" serves the base model only.", default=64)
     tokenizer_config_path: str | None = flag("A tokenizer_config.json whose chat_template "
                                              "replaces the model's.")
     json_output: bool = flag("Log as JSON lines (the launcher and the Python models; "
@@ -167,12 +188,28 @@ class EngineConfig:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self.cuda_graph_batch_sizes, self.prefill_graph_token_counts  # validates the lists
+        if self.adapter_source not in ADAPTER_SOURCES:
+            raise ValueError(f"adapter_source must be one of {', '.join(ADAPTER_SOURCES)}, got "
+                             f"{self.adapter_source!r}")
+        if self.max_active_adapters < 1:
+            raise ValueError(f"max_active_adapters must be >= 1, got {self.max_active_adapters}")
+        if self.max_lora_rank < 0:
+            raise ValueError(f"max_lora_rank must be >= 0, got {self.max_lora_rank}")
+        if self.adapter_cycle_time_s <= 0:
+            raise ValueError(f"adapter_cycle_time_s must be > 0, got {self.adapter_cycle_time_s}")
+        if not 0 < self.adapter_memory_fraction < 1:
+            raise ValueError(f"adapter_memory_fraction must be in (0, 1), got "
+                             f"{self.adapter_memory_fraction}")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_input_tokens and self.max_total_tokens:
             if self.max_input_tokens >= self.max_total_tokens:
                 raise ValueError(f"max_input_tokens ({self.max_input_tokens}) must be < "
                                  f"max_total_tokens ({self.max_total_tokens})")
+
+    @property
+    def preloaded_adapters(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in (self.adapter_id or "").split(",") if a.strip())
 
     @property
     def cuda_graph_batch_sizes(self) -> tuple[int, ...]:

@@ -214,7 +214,8 @@ def test_engine_greedy_parity_on_quantized_checkpoints(tiny_dir, tmp_path, varia
     quant_dir, ref_dir = write_quantized(tiny_dir, tmp_path, **VARIANTS[variant])
     hf = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
     engine = Engine(EngineConfig(model_id=str(quant_dir)), quant_dir)
-    assert isinstance(engine.runner.model.layers[0].self_attn.qkv_proj, QuantizedLinear)
+    # under the LoRA wrapper that serves adapters on top of quantized weights
+    assert isinstance(engine.runner.model.layers[0].self_attn.qkv_proj.base, QuantizedLinear)
     seqs = [Sequence(i, p, SamplingParams(), StoppingParams(max_tokens=16))
             for i, p in enumerate(PROMPTS)]
     for s in seqs:

@@ -29,7 +29,7 @@ def encode_words(word):
 
 
 def parse(**kw):
-    return parse_prompts(inputs(**kw), LIMITS, CONFIG, encode_words)
+    return parse_prompts(inputs(**kw), LIMITS, CONFIG, encode_words, lambda *fields: None)
 
 
 def test_defaults_are_greedy_with_tgis_max_tokens():

@@ -28,15 +28,17 @@ def clock(monkeypatch):
     return now
 
 
-def prompt(n_tokens, max_tokens=10, stream=False):
+def prompt(n_tokens, max_tokens=10, stream=False, adapter=None):
     return SimpleNamespace(input_ids=list(range(n_tokens)),
                            params=SimpleNamespace(stream=stream,
-                                                  stopping=SimpleNamespace(max_tokens=max_tokens)))
+                                                  stopping=SimpleNamespace(max_tokens=max_tokens)),
+                           adapter=adapter and SimpleNamespace(name=adapter))
 
 
-def response(seq_id, finish_reason="", generated=0, n_input=4):
+def response(seq_id, finish_reason="", generated=0, n_input=4, batch_index=0):
     return SimpleNamespace(sequence_id=seq_id, finish_reason=finish_reason,
-                           num_output_tokens=generated, num_input_tokens=n_input)
+                           num_output_tokens=generated, num_input_tokens=n_input,
+                           batch_index=batch_index)
 
 
 def tokens(*seq_ids, scheduled_at=None):
@@ -122,3 +124,18 @@ def test_cancelled_and_refused_requests_count_as_failures(clock):
     assert publisher.values("tgi_request_input_length") == [2]   # refused prompts are not
     assert not [u for u in publisher.updates if u[0] == "tgi_request_success"]
     assert metrics._requests == {} and metrics._awaiting_first == {}
+
+
+def test_prompts_and_generated_tokens_are_counted_per_adapter(clock):
+    publisher = ListPublisher()
+    metrics = RequestMetrics(publisher)
+    sink = object()
+    metrics.accepted(sink, [prompt(3, adapter="sql"), prompt(5), prompt(4, adapter="sql")],
+                     [1, 2, 3], clock[0])
+    metrics.delivered([(sink, response(1, "length", 4, batch_index=0), None, False),
+                       (sink, response(2, "length", 6, batch_index=1), None, False),
+                       (sink, response(3, "eos_token", 2, batch_index=2), None, True)])
+    assert publisher.values("textgen_adapter_requests_total", ("sql",)) == [1, 1]
+    assert publisher.values("textgen_adapter_requests_total", ("",)) == [1]
+    assert publisher.values("textgen_adapter_generated_tokens_total", ("sql",)) == [4, 2]
+    assert publisher.values("textgen_adapter_generated_tokens_total", ("",)) == [6]

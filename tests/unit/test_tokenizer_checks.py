@@ -16,9 +16,11 @@ def test_no_parameters_and_the_generate_request_id_pass(parameters):
 
 @pytest.mark.parametrize("parameters, message", [
     ('{"max_token": 5}', "unknown parameter 'max_token' (did you mean 'max_tokens'?): "),
-    ('{"adapter_id": "my-lora"}', "unknown parameter 'adapter_id': "),
-    ('{"temprature": 0.5, "id": "x", "adapter_id": "a"}',
-     "unknown parameters 'adapter_id', 'temprature' (did you mean 'temperature'?): "),
+    ('{"lora_rank": 8}', "unknown parameter 'lora_rank': "),
+    ('{"adapter_id": "my-lora"}',
+     "unknown parameter 'adapter_id' (an input tensor: send it as an input): "),
+    ('{"temprature": 0.5, "id": "x", "lora_rank": 8}',
+     "unknown parameters 'lora_rank', 'temprature' (did you mean 'temperature'?): "),
 ])
 def test_unknown_parameters_are_named(parameters, message):
     with pytest.raises(RequestError) as refused:

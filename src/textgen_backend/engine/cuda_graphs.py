@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from textgen_backend.layers.attention import AttentionMetadata
+from textgen_backend.layers.lora import LoraBatch
 
 logger = logging.getLogger("textgen")
 
@@ -34,6 +35,7 @@ class StepArrays:
     context_lens: list[int]
     cu_seqlens: np.ndarray        # [batch + 1] token offsets of the sequences
     block_ids: list[list[int]]
+    lora_slots: np.ndarray | None = None  # each token's adapter slot (-1: none); None: no adapter
 
 
 class _GraphSet:
@@ -88,39 +90,54 @@ def _fill(arrays: StepArrays, ids, positions, slots, context_lens, tables) -> No
 
 
 class DecodeGraphs:
-    """Decode graphs by batch size; buffer [ids | positions | slots | context_lens | tables]."""
+    """Decode graphs by batch size; buffer [ids | positions | slots | context_lens | tables],
+    then, in the graphs of steps with adapters (lora given), each row's adapter slot."""
 
     def __init__(self, model: nn.Module, batch_sizes: tuple[int, ...], table_width: int,
-                 device: torch.device, pool) -> None:
+                 device: torch.device, pool, lora: LoraBatch | None = None) -> None:
         self.model = model
         self.table_width = table_width
+        self.lora = lora
         largest = max(batch_sizes)
         self.set = _GraphSet(batch_sizes, self._buffer_len(largest), device, pool)
         self.cu_seqlens = torch.arange(largest + 1, dtype=torch.int32, device=device)
         self.set.capture(self._forward, self._prepare)
-        logger.info("[textgen] captured decode CUDA graphs for batch sizes %s", self.set.sizes)
+        logger.info("[textgen] captured decode CUDA graphs%s for batch sizes %s",
+                    " with adapters" if lora else "", self.set.sizes)
 
     def fits(self, batch: int) -> bool:
         return batch <= self.set.sizes[-1]
 
     def _buffer_len(self, size: int) -> int:
-        return size * (4 + self.table_width)
+        return size * (4 + self.table_width + (self.lora is not None))
 
     def _prepare(self, size: int) -> None:
-        self.set.inputs[2 * size:3 * size].fill_(-1)
+        parts = self._split(size, self.set.inputs)
+        parts[2].fill_(-1)
+        if self.lora is not None:
+            parts[5].fill_(-1)
 
     def _split(self, size: int, buffer):
-        """(ids, positions, slots, context_lens, tables) of the graph for `size` sequences."""
-        ids, positions, slots, context_lens, tables = buffer[:self._buffer_len(size)].split(
-            [size, size, size, size, size * self.table_width])
-        return ids, positions, slots, context_lens, tables.reshape(size, self.table_width)
+        """(ids, positions, slots, context_lens, tables[, adapter slots]) of the graph for
+        `size` sequences."""
+        sizes = [size, size, size, size, size * self.table_width] + [size] * (self.lora is not None)
+        parts = list(buffer[:self._buffer_len(size)].split(sizes))
+        parts[4] = parts[4].reshape(size, self.table_width)
+        return parts
 
     def _forward(self, size: int) -> torch.Tensor:
-        ids, positions, slots, context_lens, tables = self._split(size, self.set.inputs)
+        ids, positions, slots, context_lens, tables, *adapter_slots = self._split(
+            size, self.set.inputs)
         meta = AttentionMetadata(is_decode=True, slot_mapping=slots, context_lens=context_lens,
                                  block_tables=tables, cu_seqlens_q=self.cu_seqlens[:size + 1],
                                  max_seqlen_q=1)
-        return self.model.compute_logits(self.model(ids, positions, meta))
+        if self.lora is None:
+            return self.model.compute_logits(self.model(ids, positions, meta))
+        self.lora.slot_of_token = adapter_slots[0]
+        try:
+            return self.model.compute_logits(self.model(ids, positions, meta))
+        finally:
+            self.lora.slot_of_token = None
 
     def run(self, arrays: StepArrays, pinned) -> torch.Tensor:
         """Replays the smallest graph holding the batch; pinned(n) gives a host buffer."""
@@ -128,7 +145,11 @@ class DecodeGraphs:
         size = self.set.smallest(batch)
         buffer = pinned(self._buffer_len(size))
         buffer.zero_()
-        _fill(arrays, *(part.numpy() for part in self._split(size, buffer)))
+        parts = [part.numpy() for part in self._split(size, buffer)]
+        _fill(arrays, *parts[:5])
+        if self.lora is not None:
+            parts[5][:batch] = arrays.lora_slots
+            parts[5][batch:] = -1
         return self.set.replay(size, buffer, batch)
 
 

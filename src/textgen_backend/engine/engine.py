@@ -6,18 +6,22 @@ background thread and turns its token outputs into text responses.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 import torch
 
+from textgen_backend.adapters.catalog import AdapterCatalog
+from textgen_backend.adapters.residency import AdapterResidency
+from textgen_backend.adapters.slots import AdapterSlots, bytes_per_slot
 from textgen_backend.engine.block_manager import BlockManager
 from textgen_backend.config import EngineConfig, EngineLimits, resolve_token_limits
 from textgen_backend.layers.ops import select_ops
 from textgen_backend.engine.stats import EngineStats, StepStats
 from textgen_backend.models.config import ModelConfig
 from textgen_backend.engine.model_runner import ModelRunner
-from textgen_backend.models import build_model
+from textgen_backend.models import build_model, model_class
 from textgen_backend.sampling.params import SamplingParams, StoppingParams
 from textgen_backend.weights.quantization import resolve_quant_config
 from textgen_backend.engine.scheduler import Scheduler, SchedulerOutput, StepOutput
@@ -51,6 +55,8 @@ class Engine:
         self.runner = ModelRunner(model, self.model_config, self.device, self.dtype,
                                   config.block_size, eos, config.watermark_gamma,
                                   config.watermark_delta)
+        self.adapters = self._adapter_residency(model)
+        self.runner.lora_batch = self.adapters.slots.batch if self.adapters else None
         loaded = time.monotonic()
         self.limits = self._resolve_limits()
         self.runner.allocate_kv_cache(self.limits.num_kv_blocks)
@@ -64,7 +70,7 @@ class Engine:
                        if t <= self.limits.max_batch_prefill_tokens]
             self.runner.capture_cuda_graphs(tuple(sizes), tuple(prefill), max_blocks)
         self.block_manager = BlockManager(self.limits.num_kv_blocks, config.block_size)
-        self.scheduler = Scheduler(self.limits, self.block_manager, eos)
+        self.scheduler = Scheduler(self.limits, self.block_manager, eos, self.adapters)
         self._aborted: list[StepOutput] = []
         self.last_step: StepStats | None = None   # the latest step(), if it ran the model
         # What a newcomer waits for, part by part (the launcher logs tritonserver's total).
@@ -92,6 +98,35 @@ class Engine:
             weights_dir = Path(self.config.weights_cache_override or model_dir)
             model.load_weights(iterate_weights(weights_dir, self.config.load_format))
         return model.eval()
+
+    def _adapter_residency(self, model) -> AdapterResidency | None:
+        """Adapter slots (before the KV cache is sized: they come out of its budget) and the
+        adapters preloaded with --adapter-id; None with --max-lora-rank 0."""
+        c = self.config
+        if c.max_lora_rank == 0:
+            return None
+        targets = model_class(self.model_config).projection_targets(self.model_config)
+        per_slot = bytes_per_slot(self.model_config, targets, c.max_lora_rank, self.dtype)
+        if self.device.type == "cuda":
+            memory = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        num_slots = min(c.max_active_adapters, int(c.adapter_memory_fraction * memory // per_slot))
+        if num_slots < 1:
+            raise ValueError(f"adapter_memory_fraction {c.adapter_memory_fraction} holds no "
+                             f"adapter slot of max_lora_rank {c.max_lora_rank} "
+                             f"({per_slot / 2**30:.2f} GiB): raise it or lower max_lora_rank")
+        slots = AdapterSlots(model, targets, num_slots, c.max_lora_rank, model.layers[
+            0].self_attn.attn.ops, self.dtype, self.device)
+        catalog = AdapterCatalog(c, self.model_config)
+        residency = AdapterResidency(slots, catalog.load, c.adapter_cycle_time_s)
+        for adapter_id in c.preloaded_adapters:
+            residency.preload(catalog.resolve(adapter_id, c.adapter_source, ""))
+        logger.info("[textgen] %d adapter slots of rank %d (%.2f GiB each)%s", num_slots,
+                    c.max_lora_rank, per_slot / 2**30,
+                    f"; preloaded {', '.join(c.preloaded_adapters)}"
+                    if c.preloaded_adapters else "")
+        return residency
 
     def _resolve_limits(self) -> EngineLimits:
         c = self.config
@@ -176,7 +211,17 @@ class Engine:
                            kv_blocks_used=bm.num_blocks - bm.num_free_blocks,
                            kv_blocks_total=bm.num_blocks,
                            num_preemptions=self.scheduler.num_preemptions,
-                           num_prefill_limit_hits=self.scheduler.num_prefill_limit_hits)
+                           num_prefill_limit_hits=self.scheduler.num_prefill_limit_hits,
+                           **self._adapter_stats())
+
+    def _adapter_stats(self) -> dict:
+        if self.adapters is None:
+            return {}
+        counters = self.adapters.counters
+        seconds, counters.load_seconds = tuple(counters.load_seconds), []
+        return dict(active_adapters=self.adapters.num_active, adapter_loads=counters.loads,
+                    adapter_evictions=counters.evictions, adapter_load_failures=counters.failures,
+                    adapter_load_seconds=seconds)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborted)
@@ -190,9 +235,21 @@ class Engine:
             outputs.append(StepOutput(seq_id, [], "error", error))
         return outputs
 
+    def _fail_adapter_loads(self) -> list[StepOutput]:
+        """Waiting sequences whose adapter failed to load get the error."""
+        outputs = []
+        for ref, error in self.adapters.poll():
+            for seq in [s for s in self.scheduler.waiting if s.adapter and s.adapter.key == ref.key]:
+                self.scheduler.abort(seq.seq_id, "error")
+                outputs.append(StepOutput(seq.seq_id, [], "error",
+                                          f"adapter {ref.name!r} failed to load: {error}"))
+        return outputs
+
     def step(self) -> list[StepOutput]:
         """Schedules and runs one prefill or decode step; returns every sequence's news."""
         outputs, self._aborted = self._aborted, []
+        if self.adapters is not None:
+            outputs += self._fail_adapter_loads()
         started = time.perf_counter()
         was_running = bool(self.scheduler.running)
         self.last_step = None

@@ -13,6 +13,7 @@ from torch import nn
 from textgen_backend.engine.cuda_graphs import (DecodeGraphs, PrefillGraphs, StepArrays,
                                                 fill_block_tables)
 from textgen_backend.layers.attention import AttentionMetadata
+from textgen_backend.layers.lora import LoraBatch
 from textgen_backend.models.config import ModelConfig
 from textgen_backend.sampling.sampler import SampleOutput, build_sampling_batch, sample
 from textgen_backend.engine.scheduler import SchedulerOutput, TokenLogprob
@@ -69,6 +70,8 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.decode_graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
+        self.lora_batch: LoraBatch | None = None        # set when adapters are served
+        self.adapter_decode_graphs: DecodeGraphs | None = None
         self._staging = torch.empty(0, dtype=torch.int32)
 
     def _pinned(self, size: int) -> torch.Tensor:
@@ -109,6 +112,10 @@ class ModelRunner:
         if decode_batch_sizes:
             self.decode_graphs = DecodeGraphs(self.model, decode_batch_sizes,
                                               max_blocks_per_seq, self.device, pool)
+            if self.lora_batch is not None:
+                self.adapter_decode_graphs = DecodeGraphs(
+                    self.model, decode_batch_sizes, max_blocks_per_seq, self.device, pool,
+                    self.lora_batch)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -129,7 +136,14 @@ class ModelRunner:
                                      context_lens=context_lens, block_tables=tables,
                                      cu_seqlens_q=cu_seqlens,
                                      max_seqlen_q=inputs.max_seqlen_q)
-            hidden = self.model(ids, positions, meta)
+            if arrays.lora_slots is not None:
+                self.lora_batch.slot_of_token = torch.from_numpy(arrays.lora_slots).to(
+                    self.device)
+            try:
+                hidden = self.model(ids, positions, meta)
+            finally:
+                if self.lora_batch is not None:
+                    self.lora_batch.slot_of_token = None
             logits = self.model.compute_logits(hidden[cu_seqlens[1:] - 1])
             if out.is_prefill:
                 prompt_logprobs = self._prompt_logprobs(out.seqs, hidden, ids, inputs)
@@ -139,8 +153,10 @@ class ModelRunner:
         """The graphs that can run this step, or None to run it eagerly. Prefills that want
         prompt token details need every position's hidden state: those run eagerly."""
         if not out.is_prefill:
-            graphs = self.decode_graphs
+            graphs = self.decode_graphs if arrays.lora_slots is None else self.adapter_decode_graphs
             return graphs if graphs is not None and graphs.fits(len(out.seqs)) else None
+        if arrays.lora_slots is not None:
+            return None  # prefills with adapters run eagerly
         graphs = self.prefill_graphs
         if graphs is None or not graphs.fits(len(arrays.ids), len(out.seqs)):
             return None
@@ -180,7 +196,8 @@ class ModelRunner:
             positions=np.concatenate([np.arange(n) for n in lengths]),
             slots=np.concatenate([self._slots(s.block_ids, n) for s, n in zip(seqs, lengths)]),
             context_lens=lengths, cu_seqlens=np.concatenate([[0], np.cumsum(lengths)]),
-            block_ids=[s.block_ids for s in seqs])
+            block_ids=[s.block_ids for s in seqs],
+            lora_slots=_adapter_slots(seqs, lengths))
 
     def _decode_arrays(self, seqs: list[Sequence]) -> StepArrays:
         bs = self.block_size
@@ -189,7 +206,8 @@ class ModelRunner:
         return StepArrays(ids=[s.last_token for s in seqs], positions=np.asarray(lengths) - 1,
                           slots=np.asarray(slots), context_lens=lengths,
                           cu_seqlens=np.arange(len(seqs) + 1),
-                          block_ids=[s.block_ids for s in seqs])
+                          block_ids=[s.block_ids for s in seqs],
+                          lora_slots=_adapter_slots(seqs, [1] * len(seqs)))
 
     @staticmethod
     def _tables(block_ids: list[list[int]]) -> np.ndarray:
@@ -200,3 +218,10 @@ class ModelRunner:
     def _slots(self, block_ids: list[int], num_tokens: int) -> np.ndarray:
         bs = self.block_size
         return (np.asarray(block_ids)[:, None] * bs + np.arange(bs)).reshape(-1)[:num_tokens]
+
+
+def _adapter_slots(seqs: list[Sequence], tokens_per_seq: list[int]) -> np.ndarray | None:
+    """Each token's adapter slot (-1: the base model), or None when no sequence has one."""
+    if all(s.adapter_slot < 0 for s in seqs):
+        return None
+    return np.repeat(np.asarray([s.adapter_slot for s in seqs], dtype=np.int32), tokens_per_seq)

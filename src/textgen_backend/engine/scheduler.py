@@ -7,6 +7,8 @@ max_waiting_tokens steps since the last prefill. A prefill holds at most
 max_batch_prefill_tokens tokens (a lone sequence may exceed it: a preempted one being
 recomputed). KV blocks are taken as tokens arrive; when a decode step runs out, the most
 recently admitted sequence is preempted (its blocks freed, recomputed later) instead of failing.
+A sequence whose LoRA adapter is not resident yet waits without holding up the ones behind it
+(adapters/residency.py loads it meanwhile); a running sequence holds its adapter's slot.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from textgen_backend.adapters.residency import AdapterResidency
 from textgen_backend.engine.block_manager import BlockManager
 from textgen_backend.config import EngineLimits
 from textgen_backend.sampling.sampler import SampleOutput
@@ -49,8 +52,9 @@ class StepOutput:
 
 class Scheduler:
     def __init__(self, limits: EngineLimits, block_manager: BlockManager,
-                 eos_token_ids: tuple[int, ...]):
+                 eos_token_ids: tuple[int, ...], adapters: AdapterResidency | None = None):
         self.limits = limits
+        self.adapters = adapters
         self.block_manager = block_manager
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
@@ -132,6 +136,8 @@ class Scheduler:
         for seq in self.waiting:
             if len(chosen) >= room:
                 break
+            if seq.adapter is not None and not self.adapters.ready(seq.adapter):
+                continue  # its adapter is loading: the ones behind it may go first
             if chosen and seq.num_tokens > token_budget:
                 self.num_prefill_limit_hits += 1
                 break
@@ -145,8 +151,10 @@ class Scheduler:
             return []
         now = time.monotonic()
         for seq in chosen:
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.block_manager.allocate(seq)
+            if seq.adapter is not None:
+                seq.adapter_slot = self.adapters.acquire(seq.adapter)
             seq.status = SequenceStatus.RUNNING
             if seq.scheduled_at is None:  # a preempted sequence keeps its first admission
                 seq.scheduled_at = now
@@ -173,8 +181,14 @@ class Scheduler:
                 kept.append(seq)
         self.running = kept
 
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.adapter_slot >= 0:
+            self.adapters.release(seq.adapter)
+            seq.adapter_slot = -1
+
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
+        self._release_adapter(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -182,6 +196,7 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.block_manager.free(seq)
+        self._release_adapter(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from textgen_backend.adapters.catalog import AdapterRef
 from textgen_backend.sampling.params import DetailsParams, SamplingParams, StoppingParams
 
 
@@ -28,6 +29,8 @@ class Sequence:
     track_logprobs: bool = False      # chosen tokens' logprobs are needed (details, best_of)
     input_details_done: bool = False  # prompt details are computed at the first prefill only
     scheduled_at: float | None = None  # time.monotonic() of its first prefill (metrics)
+    adapter: AdapterRef | None = None  # LoRA adapter; None = the base model
+    adapter_slot: int = -1             # its device slot while running
 
     @property
     def num_tokens(self) -> int:

@@ -15,6 +15,11 @@ class EngineStats:
     kv_blocks_total: int
     num_preemptions: int              # since start
     num_prefill_limit_hits: int       # since start
+    active_adapters: int = 0          # adapters holding a device slot
+    adapter_loads: int = 0            # since start
+    adapter_evictions: int = 0        # since start
+    adapter_load_failures: int = 0    # since start
+    adapter_load_seconds: tuple[float, ...] = ()  # loads finished since the previous stats
 
     @property
     def kv_cache_usage(self) -> float:

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from textgen_kernels import activation, kv_store, paged_attention, rmsnorm, rotary
+from textgen_kernels import activation, kv_store, lora, paged_attention, rmsnorm, rotary
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class Ops:
     store_kv: Callable
     paged_attention: Callable
     paged_attention_decode: Callable
+    lora_shrink: Callable
+    lora_expand: Callable
 
 
 def _store_kv_torch(key, value, k_cache, v_cache, slot_mapping):
@@ -38,6 +40,8 @@ TORCH_OPS = Ops(
     store_kv=_store_kv_torch,
     paged_attention=paged_attention.paged_attention_reference,
     paged_attention_decode=paged_attention.paged_attention_decode_reference,
+    lora_shrink=lora.lora_shrink_reference,
+    lora_expand=lora.lora_expand_reference,
 )
 
 
@@ -51,6 +55,8 @@ def triton_ops() -> Ops:
         store_kv=kv_store.store_kv,
         paged_attention=paged_attention.paged_attention,
         paged_attention_decode=paged_attention.paged_attention_decode,
+        lora_shrink=lora.lora_shrink,
+        lora_expand=lora.lora_expand,
     )
 
 

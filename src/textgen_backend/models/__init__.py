@@ -15,10 +15,13 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(config: ModelConfig, ops: Ops, quant: QuantConfig | None = None) -> nn.Module:
+def model_class(config: ModelConfig) -> type[nn.Module]:
     try:
-        cls = MODEL_REGISTRY[config.architecture]
+        return MODEL_REGISTRY[config.architecture]
     except KeyError:
         raise ValueError(f"architecture {config.architecture!r} is not supported "
                          f"(supported: {', '.join(MODEL_REGISTRY)})") from None
-    return cls(config, ops, quant)
+
+
+def build_model(config: ModelConfig, ops: Ops, quant: QuantConfig | None = None) -> nn.Module:
+    return model_class(config)(config, ops, quant)

@@ -5,6 +5,7 @@ packed into one [num_tokens, hidden] tensor, whatever the number of sequences.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -17,6 +18,18 @@ from textgen_backend.layers.rmsnorm import RMSNorm
 from textgen_backend.layers.rotary import RotaryEmbedding
 from textgen_backend.models.config import ModelConfig
 from textgen_backend.weights.quantization import QuantConfig
+
+
+@dataclass(frozen=True)
+class ProjectionTarget:
+    """Where a checkpoint projection (q_proj, or an already fused qkv_proj) lives in our model:
+    module (under a layer), its output rows [offset, offset + size), which of the module's
+    fused shards it is, and the module's input width."""
+    module: str
+    offset: int
+    size: int
+    shard: int
+    in_features: int
 
 
 class LlamaAttention(nn.Module):
@@ -101,6 +114,25 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    @classmethod
+    def projection_targets(cls, config: ModelConfig) -> dict[str, ProjectionTarget]:
+        """Checkpoint projection names (a layer's leaf names) -> where they live in our model;
+        what adapters and quantized checkpoints are mapped through."""
+        h, inter = config.hidden_size, config.intermediate_size
+        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        fused = {"self_attn.qkv_proj": ([q, kv, kv], h), "mlp.gate_up_proj": ([inter, inter], h)}
+        targets = {"o_proj": ProjectionTarget("self_attn.o_proj", 0, h, 0, q),
+                   "down_proj": ProjectionTarget("mlp.down_proj", 0, h, 0, inter)}
+        for module, (sizes, width) in fused.items():
+            leaf = module.rsplit(".", 1)[1]
+            targets[leaf] = ProjectionTarget(module, 0, sum(sizes), 0, width)
+        for ours, theirs, shard in cls.stacked_params:
+            module = next(m for m in fused if m.endswith(ours))
+            sizes, width = fused[module]
+            targets[theirs] = ProjectionTarget(module, sum(sizes[:shard]), sizes[shard], shard,
+                                               width)
+        return targets
+
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]
 
@@ -152,12 +184,6 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint lacks tensors for {sorted(missing)[:5]} "
                              f"({len(missing)} missing)")
 
-    def _shard_sizes(self, fused: str) -> list[int]:
-        c = self.config
-        if fused == "qkv_proj":
-            return [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
-        return [c.intermediate_size, c.intermediate_size]
-
     def _checkpoint_layers_in(self, module: str) -> int:
         """How many checkpoint layers our module fuses (qkv_proj: 3, gate_up_proj: 2, else 1)."""
         fused = module.rsplit(".", 1)[-1]
@@ -166,19 +192,18 @@ class LlamaForCausalLM(nn.Module):
     def _quantized_target(self, layer: str) -> tuple[str, int, int]:
         """A checkpoint layer ("layers.0.self_attn.k_proj") -> (our module, column offset,
         columns): its shard of a fused projection, or the whole of an unfused one."""
-        for ours, theirs, shard in self.stacked_params:
-            if layer.endswith(f".{theirs}"):
-                sizes = self._shard_sizes(ours)
-                return layer.replace(theirs, ours), sum(sizes[:shard]), sizes[shard]
-        try:
-            return layer, 0, self.get_submodule(layer).out_features
-        except AttributeError:
+        prefix, _, leaf = layer.rpartition(".")
+        target = self.projection_targets(self.config).get(leaf)
+        if target is None or not layer.startswith("layers."):
             raise ValueError(f"checkpoint layer {layer!r} has no module in "
-                             f"{type(self).__name__}") from None
+                             f"{type(self).__name__}")
+        return f"{prefix}.{target.module.rsplit('.', 1)[1]}", target.offset, target.size
 
     def _copy_shard(self, param: nn.Parameter, tensor: torch.Tensor, fused: str, shard: int):
-        sizes = self._shard_sizes(fused)
-        start = sum(sizes[:shard])
-        if tensor.shape[0] != sizes[shard]:
-            raise ValueError(f"{fused} shard {shard} has {tensor.shape[0]} rows, expected {sizes[shard]}")
-        param.data[start:start + sizes[shard]].copy_(tensor)
+        theirs = next(name for ours, name, index in self.stacked_params
+                      if ours == fused and index == shard)
+        target = self.projection_targets(self.config)[theirs]
+        if tensor.shape[0] != target.size:
+            raise ValueError(f"{fused} shard {shard} has {tensor.shape[0]} rows, expected "
+                             f"{target.size}")
+        param.data[target.offset:target.offset + target.size].copy_(tensor)

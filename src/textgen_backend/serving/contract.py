@@ -82,6 +82,14 @@ GENERATION_PARAMETERS = (
           doc="Fill cum_log_probs, output_log_probs and token_details (logprob, rank)."),
     _spec("top_n_tokens", "TYPE_INT32", doc="Alternatives per token in token_details."),
     _spec("decoder_input_details", "TYPE_BOOL", doc="Fill input_token_details for the prompt."),
+    _spec("adapter_id", "TYPE_STRING",
+          doc="LoRA adapter for this prompt (\"\" = the base model); lora_name in "
+              "sampling_parameters."),
+    _spec("adapter_source", "TYPE_STRING",
+          doc="Where adapter_id is looked up: \"hub\" or \"local\" (default --adapter-source)."),
+    _spec("adapter_parameters", "TYPE_STRING",
+          doc="LoRAX's merge of several adapters: JSON {adapter_ids, weights, merge_strategy, "
+              "density, majority_sign_method, seed}."),
     _spec("sampling_parameters", "TYPE_STRING",
           doc="vLLM-backend convention: the parameters above as one JSON object."),
 )

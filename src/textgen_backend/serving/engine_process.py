@@ -27,6 +27,7 @@ from textgen_backend.config import EngineConfig, EngineLimits
 logger = logging.getLogger("textgen")
 
 _PARENT_CHECK_SECONDS = 1.0
+_IDLE_STEP_SECONDS = 0.001
 
 
 class EngineProcessDied(RuntimeError):
@@ -176,6 +177,9 @@ class _EngineLoop:
 
             failure = "oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error"
             outputs = engine.fail_all(f"generation failed: {exc}")
+        if not outputs and engine.last_step is None:
+            time.sleep(_IDLE_STEP_SECONDS)  # the waiting sequences' adapters are loading
+            return True
         self.conn.send(("step", outputs, engine.last_step, engine.stats(), failure))
         return True
 

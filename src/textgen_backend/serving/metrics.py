@@ -94,6 +94,10 @@ REQUEST_METRICS = (
     _histogram("textgen_time_to_first_token_seconds",
                "Time from the request's arrival at the generator to a sequence's first token",
                SECONDS_BUCKETS),
+    _counter("textgen_adapter_requests_total",
+             "Prompts per LoRA adapter (adapter=\"\": the base model)", ["adapter"]),
+    _counter("textgen_adapter_generated_tokens_total",
+             "Tokens generated per LoRA adapter (adapter=\"\": the base model)", ["adapter"]),
     _histogram("textgen_inter_token_latency_seconds",
                "(last token time - first token time) / (tokens - 1), per sequence of 2+ tokens "
                "(genai-perf's inter_token_latency)", TOKEN_SECONDS_BUCKETS),
@@ -139,6 +143,16 @@ ENGINE_METRICS = (
     _counter("tgi_prefill_weight_limit_exceeded",
              "Prefills that left a waiting sequence out because max_batch_prefill_tokens was "
              "reached", stat="num_prefill_limit_hits"),
+    _gauge("textgen_adapters_active", "LoRA adapters holding a device slot", "active_adapters"),
+    _counter("textgen_adapter_loads_total", "LoRA adapters loaded into a slot",
+             stat="adapter_loads"),
+    _counter("textgen_adapter_evictions_total", "LoRA adapters evicted from their slot",
+             stat="adapter_evictions"),
+    _counter("textgen_adapter_load_failures_total", "LoRA adapter loads that failed",
+             stat="adapter_load_failures"),
+    _histogram("textgen_adapter_load_duration_seconds",
+               "Time from an adapter's slot being reserved to its weights being in it",
+               SECONDS_BUCKETS),
     _not_applicable(_counter("tgi_queue_jump", "Queue jumps when filling a batch"),
                     "sequences join in arrival order"),
     _not_applicable(_counter("tgi_granular_batch_addition",
@@ -200,6 +214,8 @@ class EngineMetrics:
                     yield "tgi_batch_next_tokens", (), step.num_tokens
                     if step.joined_running_batch:
                         yield "tgi_batch_concatenation_count", (), 1
+        for seconds in stats.adapter_load_seconds:
+            yield "textgen_adapter_load_duration_seconds", (), seconds
         for spec in ENGINE_METRICS:
             if spec.stat is None:
                 continue

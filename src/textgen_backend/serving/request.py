@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from textgen_backend.adapters.catalog import AdapterRef
 from textgen_backend.serving import contract
 from textgen_backend.config import EngineConfig, EngineLimits
 from textgen_backend.sampling.params import (DEFAULT_MAX_TOKENS, DetailsParams, RequestError,
@@ -24,10 +25,12 @@ MAX_STOP_SEQUENCE_CHARS = 240  # TGIS's limit on one stop sequence
 # Parameters that switch greedy decoding to sampling (unless temperature is 0).
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "typical_p", "min_p")
 _LIST_KEYS = ("stop_words", "bad_words")
+_ADAPTER_KEYS = ("adapter_id", "adapter_source", "adapter_parameters")
 _TENSOR_KEYS = {spec.name for spec in contract.GENERATION_PARAMETERS} - {"sampling_parameters"}
 # sampling_parameters JSON: every tensor parameter by its own name, and vLLM's aliases.
 _JSON_ALIASES = {"stop": "stop_words", "n": "num_return_sequences",
-                 "include_stop_str_in_output": "include_stop_sequence", "logprobs": "top_n_tokens"}
+                 "include_stop_str_in_output": "include_stop_sequence", "logprobs": "top_n_tokens",
+                 "lora_name": "adapter_id"}
 _JSON_KEYS = {**{k: k for k in _TENSOR_KEYS - {"min_length"}}, **_JSON_ALIASES}
 _DTYPES = {spec.name: spec.dtype for spec in contract.GENERATION_PARAMETERS}
 
@@ -39,13 +42,16 @@ class Prompt:
     text: str
     batch_index: int
     params: RequestParams
+    adapter: AdapterRef | None = None
 
 
 def parse_prompts(inputs: dict[str, np.ndarray], limits: EngineLimits, config: EngineConfig,
-                  encode_words: Callable[[str], list[int]]) -> list[Prompt]:
+                  encode_words: Callable[[str], list[int]],
+                  resolve_adapter: Callable[[str, str, str], AdapterRef | None]) -> list[Prompt]:
     """Validates a generator request; raises RequestError naming the offending parameter.
 
-    encode_words tokenizes a bad word (no special tokens)."""
+    encode_words tokenizes a bad word (no special tokens); resolve_adapter(adapter_id,
+    adapter_source, adapter_parameters) checks a row's adapter (None: the base model)."""
     if "_input_ids" not in inputs or "_input_lengths" not in inputs:
         raise RequestError("text_input is required")
     ids, lengths = inputs["_input_ids"], inputs["_input_lengths"].reshape(-1)
@@ -53,10 +59,12 @@ def parse_prompts(inputs: dict[str, np.ndarray], limits: EngineLimits, config: E
     batch = len(lengths)
     prompts = []
     for row in range(batch):
-        params = _build_params(_row_values(inputs, row, batch), config, encode_words)
+        values = _row_values(inputs, row, batch)
+        adapter = resolve_adapter(*(values.pop(key, "") for key in _ADAPTER_KEYS))
+        params = _build_params(values, config, encode_words)
         n = int(lengths[row])
         _check_lengths(n, params.stopping.max_tokens, limits)
-        prompts.append(Prompt(ids[row, :n].tolist(), texts[row].decode(), row, params))
+        prompts.append(Prompt(ids[row, :n].tolist(), texts[row].decode(), row, params, adapter))
     return prompts
 
 
@@ -106,6 +114,11 @@ def _tensor_value(name: str, cell: np.ndarray):
     flat = cell.reshape(-1)
     if flat.size != 1:
         raise RequestError(f"{name} must hold one value per prompt, got {flat.size}")
+    if name in _ADAPTER_KEYS:
+        try:
+            return flat[0].decode() if isinstance(flat[0], bytes) else str(flat[0])
+        except UnicodeDecodeError:
+            raise RequestError(f"{name} must be valid UTF-8") from None
     return flat[0].item()
 
 
@@ -134,6 +147,11 @@ def _parse_json(raw) -> dict:
             if not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
                 raise RequestError(f"sampling_parameters.{key} must be a string or a list of "
                                    "strings")
+        elif name in _ADAPTER_KEYS:
+            if name == "adapter_parameters" and isinstance(value, dict):
+                value = json.dumps(value)  # an object in place of its JSON text
+            if not isinstance(value, str):
+                raise RequestError(f"sampling_parameters.{key} must be a string")
         elif isinstance(value, str):
             value = _from_string(key, name, value)
         if name == "top_k" and value == -1:

@@ -32,6 +32,7 @@ class _Request:
     received: float                          # time.monotonic() at the generator
     validated: float
     seq_ids: list[int]
+    adapters: list[str]                      # each prompt's adapter name ("" = base model)
     first_token: dict[int, float] = field(default_factory=dict)      # by sequence id
     scheduled_at: dict[int, float] = field(default_factory=dict)     # by sequence id
     cancelled: bool = False
@@ -60,7 +61,8 @@ class RequestMetrics:
         them. prompts: request.Prompt of each row (best_of may give a prompt several sequences)."""
         now = time.monotonic()
         kind = request_kind(len(prompts), prompts[0].params.stream)
-        request = _Request(kind, received, now, list(seq_ids))
+        adapters = [p.adapter.name if p.adapter else "" for p in prompts]
+        request = _Request(kind, received, now, list(seq_ids), adapters)
         # Registered before the output thread can see any of its tokens or responses.
         self._requests[sink] = request
         for seq_id in seq_ids:
@@ -71,6 +73,7 @@ class RequestMetrics:
         for prompt in prompts:
             updates.append(("tgi_request_input_length", (), len(prompt.input_ids)))
             updates.append(("tgi_request_max_new_tokens", (), prompt.params.stopping.max_tokens))
+        updates += [("textgen_adapter_requests_total", (name,), 1) for name in adapters]
         self._publisher.publish(updates)
 
     @staticmethod
@@ -123,6 +126,8 @@ class RequestMetrics:
             ("tgi_request_success", (response.finish_reason, request.kind), 1),
             ("tgi_request_duration", (), now - request.received),
             ("tgi_request_generated_tokens", (), generated),
+            ("textgen_adapter_generated_tokens_total", (request.adapters[response.batch_index],),
+             generated),
             ("tgi_request_total_tokens", (), response.num_input_tokens + generated),
         ]
         scheduled = request.scheduled_at.get(response.sequence_id)

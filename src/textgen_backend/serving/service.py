@@ -16,7 +16,9 @@ import time
 
 import numpy as np
 
+from textgen_backend.adapters.catalog import AdapterCatalog
 from textgen_backend.config import EngineConfig
+from textgen_backend.models.config import ModelConfig
 from textgen_backend.serving.drain import DrainFiles
 from textgen_backend.serving.engine_process import EngineProcess, EngineProcessDied
 from textgen_backend.serving.metrics import EngineMetrics, MetricsPublisher
@@ -54,6 +56,7 @@ class GenerationService:
         self.outputs = OutputProcessor(load_tokenizer(model_dir, config.tokenizer_config_path,
                                                       config.trust_remote_code),
                                        config.stream_responses_per_second)
+        self._adapters = AdapterCatalog(config, ModelConfig.from_dir(model_dir))
         self._results: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._num_active = 0          # sequences submitted and not yet finished
@@ -73,7 +76,8 @@ class GenerationService:
         RequestError if it is refused."""
         arrival = time.monotonic()
         try:
-            prompts = parse_prompts(inputs, self.engine.limits, self.config, self._encode_words)
+            prompts = parse_prompts(inputs, self.engine.limits, self.config, self._encode_words,
+                                    self._adapters.resolve)
         except RequestError:
             self._request_metrics.refused(inputs, "validation")
             raise
@@ -102,7 +106,8 @@ class GenerationService:
             seqs.append(Sequence(seq_id, c.prompt.input_ids,
                                  dataclasses.replace(params.sampling, seed=c.seed),
                                  params.stopping, details=params.details,
-                                 track_logprobs=params.details.per_token or params.best_of > 1))
+                                 track_logprobs=params.details.per_token or params.best_of > 1,
+                                 adapter=c.prompt.adapter))
         self._request_metrics.accepted(sink, prompts, seq_ids, arrival)
         self._send(("add", seqs))
 

@@ -69,6 +69,8 @@ def check_parameters(parameters_json: str) -> None:
 
 
 def _did_you_mean(name: str) -> str:
+    if name in _INPUT_NAMES:
+        return " (an input tensor: send it as an input)"
     close = difflib.get_close_matches(name, _INPUT_NAMES, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

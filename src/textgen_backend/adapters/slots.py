@@ -1,0 +1,65 @@
+"""Device memory for resident adapters: a fixed number of slots, each as large as one adapter of
+--max-lora-rank on every projection. Fixed slots keep every tensor's address for the life of
+the server, so CUDA graphs captured once serve any later mix of adapters."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from textgen_backend.adapters.peft_format import AdapterWeights
+from textgen_backend.layers.lora import LoraBatch, LoraProjection
+from textgen_backend.layers.ops import Ops
+from textgen_backend.models.config import ModelConfig
+from textgen_backend.models.llama import ProjectionTarget
+
+
+def _projections(targets: dict[str, ProjectionTarget]) -> dict[str, tuple[int, int, int]]:
+    """Our projection module (under a layer) -> (in features, out features, shards)."""
+    modules: dict[str, tuple[int, int, int]] = {}
+    for t in targets.values():
+        width, out, shards = modules.get(t.module, (t.in_features, 0, 0))
+        modules[t.module] = (width, max(out, t.offset + t.size), max(shards, t.shard + 1))
+    return modules
+
+
+def bytes_per_slot(model_config: ModelConfig, targets: dict[str, ProjectionTarget],
+                   max_rank: int, dtype: torch.dtype) -> int:
+    per_layer = sum(shards * max_rank * (width + out)
+                    for width, out, shards in _projections(targets).values())
+    return per_layer * model_config.num_layers * dtype.itemsize
+
+
+class AdapterSlots:
+    def __init__(self, model: nn.Module, targets: dict[str, ProjectionTarget], num_slots: int,
+                 max_rank: int, ops: Ops, dtype: torch.dtype, device: torch.device):
+        """Wraps each layer's projections in a LoraProjection (after the weights are loaded:
+        the checkpoint's names do not know the wrapper)."""
+        self.num_slots, self.max_rank, self.device = num_slots, max_rank, device
+        self.batch = LoraBatch()
+        self.projections: dict[str, LoraProjection] = {}
+        for index, layer in enumerate(model.layers):
+            for module, (_, _, shards) in _projections(targets).items():
+                parent_name, _, leaf = module.rpartition(".")
+                parent = layer.get_submodule(parent_name)
+                wrapped = LoraProjection(getattr(parent, leaf), num_slots, shards * max_rank, ops,
+                                         self.batch, dtype, device)
+                setattr(parent, leaf, wrapped)
+                self.projections[f"layers.{index}.{module}"] = wrapped
+
+    def write(self, slot: int, adapter: AdapterWeights) -> None:
+        """Fills a free slot (the forward never reads it meanwhile: no running sequence uses
+        it); the scaling goes into B. Shard i of a fused projection takes ranks
+        [i * R, i * R + r)."""
+        self.clear(slot)
+        r_max = self.max_rank
+        for (layer, _), piece in adapter.pieces.items():
+            projection = self.projections[f"layers.{layer}.{piece.target.module}"]
+            start, r = piece.target.shard * r_max, piece.rank
+            rows = slice(piece.target.offset, piece.target.offset + piece.target.size)
+            projection.a_slots[slot, start:start + r].copy_(piece.a)
+            projection.b_slots[slot, rows, start:start + r].copy_(piece.b * piece.scaling)
+
+    def clear(self, slot: int) -> None:
+        for projection in self.projections.values():
+            projection.a_slots[slot].zero_()
+            projection.b_slots[slot].zero_()

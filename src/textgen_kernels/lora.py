@@ -1,0 +1,233 @@
+"""Multi-LoRA for heterogeneous batches (LoRAX / punica "BGMV"): every token row of a packed
+batch goes through the adapter in its own GPU slot, or through none.
+
+A LoRA adds x @ A.T @ B.T to a projection's output. It runs in two steps:
+  lora_shrink   h[t] = x[t] @ A[slot[t]].T        x [T, K] -> h [T, R] float32
+  lora_expand   out[t] += h[t] @ B[slot[t]].T     h [T, R] -> out [T, N] (in place)
+Layout: the loaded adapters sit in slots, a_slots [S, R, K] and b_slots [S, N, R] (nn.Linear's
+[out, in] layout), every adapter's rank padded to the common R with zero rows of A (and zero
+columns of B), so that the padding adds exactly zero. slot_of_token [T] int32 holds each row's
+slot, -1 for rows that use the base model alone. Slots must be < S; that is not checked (it
+would need a sync with the host).
+
+Per token (batched GEMV, "BGMV"), not per adapter (segmented GEMM): the batch needs no sorting
+by adapter, any mix of adapters costs one launch, and at decode sizes (a handful of rows per
+adapter, R <= a few hundred) the kernels are bound by reading A and B, which tensor cores would
+not speed up. Each program reads its row's slot first and exits at once when it is -1: base-model
+rows cost (almost) nothing, and since the grid depends on T alone, a CUDA graph captured once over
+a static slot buffer serves every later mix of adapters, including none.
+"""
+import torch
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def lora_shrink_reference(
+    x: torch.Tensor, a_slots: torch.Tensor, slot_of_token: torch.Tensor
+) -> torch.Tensor:
+    """x [T, K], a_slots [S, R, K], slot_of_token [T] int32 (-1: no adapter) -> [T, R] float32:
+    x[t] @ a_slots[slot_of_token[t]].T, zeros where the slot is -1. Computed in float32, one
+    matmul per slot in use (unique() syncs with the host)."""
+    h = torch.zeros(x.shape[0], a_slots.shape[1], dtype=torch.float32, device=x.device)
+    for slot in slot_of_token.unique().tolist():
+        if slot < 0:
+            continue
+        rows = slot_of_token == slot
+        h[rows] = x[rows].float() @ a_slots[slot].float().t()
+    return h
+
+
+def lora_expand_reference(
+    out: torch.Tensor, h: torch.Tensor, b_slots: torch.Tensor, slot_of_token: torch.Tensor
+) -> torch.Tensor:
+    """out [T, N], h [T, R] float32, b_slots [S, N, R] -> a new tensor: out + h[t] @ b_slots[slot].T
+    on the rows that have a slot (the others copied unchanged), computed in float32 and cast
+    to out.dtype. `out` itself is not modified."""
+    result = out.clone()
+    for slot in slot_of_token.unique().tolist():
+        if slot < 0:
+            continue
+        rows = slot_of_token == slot
+        delta = h[rows].float() @ b_slots[slot].float().t()
+        result[rows] = (out[rows].float() + delta).to(out.dtype)
+    return result
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, slot_ptr, h_ptr,
+    K, R, stride_x, stride_as, stride_ar, stride_h,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (token, chunk of BLOCK_R ranks): h[t, r] = sum_k x[t, k] * A[slot, r, k] in float32,
+    BLOCK_K inputs at a time. A row without an adapter only stores its zeros."""
+    tok = tl.program_id(0).to(tl.int64)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    h_row = h_ptr + tok * stride_h
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    if slot < 0:
+        tl.store(h_row + offs_r, tl.zeros((BLOCK_R,), dtype=tl.float32), mask=r_mask)
+        return
+    x_row = x_ptr + tok * stride_x
+    a_tile = a_ptr + slot * stride_as + offs_r[:, None].to(tl.int64) * stride_ar
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        a = tl.load(a_tile + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += tl.sum(a.to(tl.float32) * x[None, :], axis=1)
+    tl.store(h_row + offs_r, acc, mask=r_mask)
+
+
+@triton.jit
+def _lora_expand_kernel(
+    out_ptr, h_ptr, b_ptr, slot_ptr,
+    N, R, stride_out, stride_h, stride_bs, stride_bn,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One (token, chunk of BLOCK_N output columns): out[t, n] += sum_r h[t, r] * B[slot, n, r],
+    summed in float32 over BLOCK_R ranks at a time, added to out's value in float32 and rounded
+    once to out's dtype. A row without an adapter is neither read nor written."""
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    if slot < 0:
+        return
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    h_row = h_ptr + tok * stride_h
+    b_tile = b_ptr + slot * stride_bs + offs_n[:, None].to(tl.int64) * stride_bn
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        h = tl.load(h_row + offs_r, mask=r_mask, other=0.0)
+        b = tl.load(b_tile + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        acc += tl.sum(b.to(tl.float32) * h[None, :], axis=1)
+    out_row = out_ptr + tok * stride_out + offs_n
+    old = tl.load(out_row, mask=n_mask, other=0.0)
+    tl.store(out_row, (old.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def _check_slots(slot_of_token: torch.Tensor, num_tokens: int) -> None:
+    if slot_of_token.dtype != torch.int32 or slot_of_token.shape != (num_tokens,):
+        raise ValueError(
+            f"slot_of_token must be int32 [{num_tokens}], got {slot_of_token.dtype} "
+            f"{tuple(slot_of_token.shape)}"
+        )
+    if not slot_of_token.is_contiguous():
+        raise ValueError(f"slot_of_token must be contiguous, got strides {slot_of_token.stride()}")
+
+
+def _check_devices(**tensors: torch.Tensor) -> None:
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        found = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
+        raise ValueError(f"all tensors must be on one device, got {found}")
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    a_slots: torch.Tensor,
+    slot_of_token: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton version of lora_shrink_reference: x [T, K] -> h [T, R] float32 (zero rows where
+    the slot is -1), written into `out` [T, R] float32 when given.
+
+    x and a_slots share one dtype; their last dims must be contiguous (x may have any row
+    stride, e.g. a column slice of a wider tensor), as must out's.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, K], got {tuple(x.shape)}")
+    if a_slots.dim() != 3:
+        raise ValueError(f"a_slots must be [S, R, K], got {tuple(a_slots.shape)}")
+    num_tokens, k = x.shape
+    _, rank, a_k = a_slots.shape
+    if a_k != k:
+        raise ValueError(f"a_slots must be [S, R, {k}] for x [T, {k}], got {tuple(a_slots.shape)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x.dtype must be one of {_DTYPES}, got {x.dtype}")
+    if a_slots.dtype != x.dtype:
+        raise ValueError(f"a_slots.dtype must be x's {x.dtype}, got {a_slots.dtype}")
+    if x.stride(1) != 1 and k > 1:
+        raise ValueError(f"x's last dim must be contiguous, got strides {x.stride()}")
+    if a_slots.stride(2) != 1 and k > 1:
+        raise ValueError(f"a_slots's last dim must be contiguous, got strides {a_slots.stride()}")
+    _check_slots(slot_of_token, num_tokens)
+    if out is None:
+        out = torch.empty(num_tokens, rank, dtype=torch.float32, device=x.device)
+    if out.shape != (num_tokens, rank) or out.dtype != torch.float32:
+        raise ValueError(
+            f"out must be [{num_tokens}, {rank}] float32, got {tuple(out.shape)} {out.dtype}"
+        )
+    if out.stride(1) != 1 and rank > 1:
+        raise ValueError(f"out's last dim must be contiguous, got strides {out.stride()}")
+    _check_devices(x=x, a_slots=a_slots, slot_of_token=slot_of_token, out=out)
+    if num_tokens == 0 or rank == 0:
+        return out
+    block_r = min(triton.next_power_of_2(rank), 64)
+    block_k = min(triton.next_power_of_2(max(k, 16)), 128)
+    _lora_shrink_kernel[(num_tokens, triton.cdiv(rank, block_r))](
+        x, a_slots, slot_of_token, out,
+        k, rank, x.stride(0), a_slots.stride(0), a_slots.stride(1), out.stride(0),
+        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4,
+    )
+    return out
+
+
+def lora_expand(
+    out: torch.Tensor, h: torch.Tensor, b_slots: torch.Tensor, slot_of_token: torch.Tensor
+) -> torch.Tensor:
+    """Triton version of lora_expand_reference, in place: out [T, N] += h [T, R] @ B[slot].T on
+    the rows that have a slot; rows whose slot is -1 are not even rewritten. Returns out.
+
+    out may be a column slice of a wider tensor (any row stride, contiguous last dim): the
+    caller adds into slices of fused projection outputs. b_slots [S, N, R] shares out's dtype
+    and has a contiguous last dim; h is float32 (lora_shrink's output) with a contiguous last dim.
+    """
+    if out.dim() != 2:
+        raise ValueError(f"out must be [T, N], got {tuple(out.shape)}")
+    if h.dim() != 2:
+        raise ValueError(f"h must be [T, R], got {tuple(h.shape)}")
+    if b_slots.dim() != 3:
+        raise ValueError(f"b_slots must be [S, N, R], got {tuple(b_slots.shape)}")
+    num_tokens, n = out.shape
+    rank = h.shape[1]
+    if h.shape[0] != num_tokens:
+        raise ValueError(
+            f"h must be [{num_tokens}, R] for out [{num_tokens}, {n}], got {tuple(h.shape)}"
+        )
+    if b_slots.shape[1:] != (n, rank):
+        raise ValueError(
+            f"b_slots must be [S, {n}, {rank}] for out [T, {n}] and h [T, {rank}], got "
+            f"{tuple(b_slots.shape)}"
+        )
+    if out.dtype not in _DTYPES:
+        raise ValueError(f"out.dtype must be one of {_DTYPES}, got {out.dtype}")
+    if b_slots.dtype != out.dtype:
+        raise ValueError(f"b_slots.dtype must be out's {out.dtype}, got {b_slots.dtype}")
+    if h.dtype != torch.float32:
+        raise ValueError(f"h.dtype must be float32, got {h.dtype}")
+    if out.stride(1) != 1 and n > 1:
+        raise ValueError(f"out's last dim must be contiguous, got strides {out.stride()}")
+    if h.stride(1) != 1 and rank > 1:
+        raise ValueError(f"h's last dim must be contiguous, got strides {h.stride()}")
+    if b_slots.stride(2) != 1 and rank > 1:
+        raise ValueError(f"b_slots's last dim must be contiguous, got strides {b_slots.stride()}")
+    _check_slots(slot_of_token, num_tokens)
+    _check_devices(out=out, h=h, b_slots=b_slots, slot_of_token=slot_of_token)
+    if num_tokens == 0 or n == 0 or rank == 0:
+        return out
+    block_n = min(triton.next_power_of_2(n), 128)
+    block_r = min(triton.next_power_of_2(max(rank, 16)), 64)
+    _lora_expand_kernel[(num_tokens, triton.cdiv(n, block_n))](
+        out, h, b_slots, slot_of_token,
+        n, rank, out.stride(0), h.stride(0), b_slots.stride(0), b_slots.stride(1),
+        BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
+    )
+    return out
