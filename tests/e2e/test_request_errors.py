@@ -202,9 +202,9 @@ def test_refused_requests_count_as_tokenizer_failures_and_spare_the_others(
 def test_unknown_parameters_are_refused_naming_them(tiny_server):
     error = http_error(tiny_server, {"text_input": PROMPT, "max_token": 5})
     assert "unknown parameter 'max_token' (did you mean 'max_tokens'?)" in error
-    error = http_error(tiny_server, {"text_input": PROMPT, "adapter_id": "my-lora",
+    error = http_error(tiny_server, {"text_input": PROMPT, "lora_rank": 8,
                                      "stream": True}, stream=True)
-    assert "unknown parameter 'adapter_id'" in error
+    assert "unknown parameter 'lora_rank'" in error
     # generate's "parameters" object: keys that name an input are inputs, others parameters.
     error = http_error(tiny_server, {"text_input": PROMPT, "parameters": {"temprature": 0.5}})
     assert "unknown parameter 'temprature' (did you mean 'temperature'?)" in error
@@ -212,9 +212,9 @@ def test_unknown_parameters_are_refused_naming_them(tiny_server):
         inputs = tensors(text_input=prompts(PROMPT), max_tokens=np.array([[3]], np.int32),
                          stream=np.array([[stream]]))
         responses, error = grpc_stream(tiny_server, inputs,
-                                       parameters={"max_token": 5, "adapter_id": "x"})
+                                       parameters={"max_token": 5, "lora_rank": 8})
         assert error is not None and responses == []
-        assert "unknown parameters 'adapter_id', 'max_token' (did you mean 'max_tokens'?)" in error
+        assert "unknown parameters 'lora_rank', 'max_token' (did you mean 'max_tokens'?)" in error
 
 
 def test_readme_curl_request_id_and_reserved_parameters_still_work(tiny_server, tiny_reference):

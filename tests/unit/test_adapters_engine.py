@@ -63,3 +63,29 @@ def test_mixed_batch_equals_peft_for_each_row(setup):
     assert expected[1] != reference.greedy(None, PROMPTS[1], 12)
     assert expected[3] != reference.greedy(None, PROMPTS[3], 12)
     assert engine.adapters.num_active == 3
+
+
+def test_an_adapter_that_fails_to_load_fails_only_its_sequences(setup, tmp_path):
+    import shutil
+
+    model_dir, adapters, reference = setup
+    config = EngineConfig(model_id=str(model_dir), max_active_adapters=2, max_lora_rank=16)
+    engine = Engine(config, model_dir)
+    broken_dir = shutil.copytree(adapters["attn-r4"], tmp_path / "broken")
+    broken = AdapterCatalog(config, ModelConfig.from_dir(model_dir)).resolve(
+        str(broken_dir), "local", "")
+    (broken_dir / "adapter_model.safetensors").write_bytes(b"truncated")  # after the check
+    seqs = [Sequence(0, PROMPTS[0], SamplingParams(), StoppingParams(max_tokens=6),
+                     adapter=broken),
+            Sequence(1, PROMPTS[1], SamplingParams(),
+                     StoppingParams(max_tokens=6, ignore_eos=True))]
+    for seq in seqs:
+        engine.add(seq)
+    errors = {}
+    while engine.has_work():
+        for out in engine.step():
+            if out.error:
+                errors[out.seq_id] = out.error
+    assert list(errors) == [0] and "adapter" in errors[0] and "failed to load" in errors[0]
+    assert seqs[1].output_ids == reference.greedy(None, PROMPTS[1], 6)
+    assert engine.stats().adapter_load_failures == 1

@@ -1,1 +1,2 @@
-"""LoRA adapters: PEFT directories, where they come from, merges, and their residency on the device."""
+"""LoRA adapters: PEFT directories, where they come from, merges, and their residency on the
+device."""

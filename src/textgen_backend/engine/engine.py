@@ -239,7 +239,8 @@ class Engine:
         """Waiting sequences whose adapter failed to load get the error."""
         outputs = []
         for ref, error in self.adapters.poll():
-            for seq in [s for s in self.scheduler.waiting if s.adapter and s.adapter.key == ref.key]:
+            waiting = [s for s in self.scheduler.waiting if s.adapter and s.adapter.key == ref.key]
+            for seq in waiting:
                 self.scheduler.abort(seq.seq_id, "error")
                 outputs.append(StepOutput(seq.seq_id, [], "error",
                                           f"adapter {ref.name!r} failed to load: {error}"))
