@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", dest="stop_words", help="A stop sequence "
                         "(repeat for several).")
+    parser.add_argument("--adapter-id", help="A LoRA adapter to answer with.")
+    parser.add_argument("--adapter-source", help="Where the server looks the adapter up: "
+                        "\"hub\" or \"local\" (default: the server's --adapter-source).")
     return parser
 
 
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = args.prompt
     params = {name: getattr(args, name) for name in
               ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
-               "stop_words")}
+               "stop_words", "adapter_id", "adapter_source")}
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = json.dumps(messages + [{"role": "user", "content": args.prompt}])
