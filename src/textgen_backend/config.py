@@ -147,6 +147,12 @@ class EngineConfig:
                                           "on the CPU).", default=0.1)
     max_lora_rank: int = flag("Highest LoRA rank an adapter may have (sizes every slot); "
                               "\"0\" serves the base model only.", default=64)
+    prefix_store_path: str | None = flag("Directory of tuned soft prompts (PEFT prompt tuning "
+                                         "or TGIS's decoder.pt), chosen per request by "
+                                         "prefix_id.")
+    prompt_cache_size_mb: int = flag("Megabytes of loaded soft prompts kept on the device "
+                                     "(least recently used ones are dropped past it).",
+                                     default=512)
     tokenizer_config_path: str | None = flag("A tokenizer_config.json whose chat_template "
                                              "replaces the model's.")
     json_output: bool = flag("Log as JSON lines (the launcher and the Python models; "
@@ -193,6 +199,8 @@ class EngineConfig:
                              f"{self.adapter_source!r}")
         if self.max_active_adapters < 1:
             raise ValueError(f"max_active_adapters must be >= 1, got {self.max_active_adapters}")
+        if self.prompt_cache_size_mb < 0:
+            raise ValueError(f"prompt_cache_size_mb must be >= 0, got {self.prompt_cache_size_mb}")
         if self.max_lora_rank < 0:
             raise ValueError(f"max_lora_rank must be >= 0, got {self.max_lora_rank}")
         if self.adapter_cycle_time_s <= 0:

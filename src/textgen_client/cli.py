@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop", action="append", dest="stop_words", help="A stop sequence "
                         "(repeat for several).")
     parser.add_argument("--adapter-id", help="A LoRA adapter to answer with.")
+    parser.add_argument("--prefix-id", help="A tuned soft prompt from the server's prefix "
+                        "store to start with.")
     parser.add_argument("--adapter-source", help="Where the server looks the adapter up: "
                         "\"hub\" or \"local\" (default: the server's --adapter-source).")
     return parser
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = args.prompt
     params = {name: getattr(args, name) for name in
               ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
-               "stop_words", "adapter_id", "adapter_source")}
+               "stop_words", "adapter_id", "adapter_source", "prefix_id")}
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = json.dumps(messages + [{"role": "user", "content": args.prompt}])

@@ -103,6 +103,26 @@ def client_for():
         client.close()
 
 
+def generate_rows(client, prompts: list[str], per_row: dict[str, list[str]],
+                  **params) -> list[list[int]]:
+    """One request, one row per prompt; per_row gives string inputs row by row (adapter_id,
+    prefix_id), params are shared. Output ids in prompt order."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from textgen_client.client import build_inputs
+
+    inputs = build_inputs(prompts, **params)
+    for name, values in per_row.items():
+        array = np.array([[v.encode()] for v in values], dtype=np.object_)
+        inputs.append(grpcclient.InferInput(name, list(array.shape), "BYTES"))
+        inputs[-1].set_data_from_numpy(array)
+    results: dict[int, list[int]] = {}
+    for chunk in client.stream_inputs(inputs):
+        results.setdefault(chunk.batch_index, []).extend(chunk.output_ids)
+    return [results[i] for i in range(len(prompts))]
+
+
 def scrape_metrics(server) -> dict[str, float]:
     """{'name{labels}': value} from the server's Prometheus endpoint."""
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()

@@ -7,18 +7,14 @@ from __future__ import annotations
 import concurrent.futures as futures
 import json
 
-import numpy as np
 import pytest
-import torch
-import tritonclient.grpc as grpcclient
 from safetensors.torch import load_file, save_file
 
-from conftest import scrape_metrics
+from conftest import generate_rows, scrape_metrics
 from lora_adapters import ATTENTION, MLP, PeftReference, save_random_lora
 from server import TritonServer
 from textgen_backend.config import EngineConfig
 from textgen_client import TextgenError
-from textgen_client.client import build_inputs
 from tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.e2e
@@ -68,23 +64,12 @@ def _expected(reference, tiny_reference, adapters, name, prompt, tokens=TOKENS):
                             tokens)
 
 
-def _batch(client, prompts, adapter_ids, **params):
-    """One request, one row per prompt, each row with its own adapter_id."""
-    inputs = [i for i in build_inputs(prompts, **params)]
-    ids = np.array([[a.encode()] for a in adapter_ids], dtype=np.object_)
-    row = grpcclient.InferInput("adapter_id", list(ids.shape), "BYTES")
-    row.set_data_from_numpy(ids)
-    results = {}
-    for chunk in client.stream_inputs(inputs + [row]):
-        results.setdefault(chunk.batch_index, []).extend(chunk.output_ids)
-    return [results[i] for i in range(len(prompts))]
-
-
 def test_one_batch_mixing_the_base_model_and_three_adapters_equals_peft(
         lora_server, client_for, reference, tiny_reference, adapters):
     client = client_for(lora_server)
     names = ["", "attn-r4", "mlp-r8", "all-r16"]
-    got = _batch(client, PROMPTS, names, max_tokens=TOKENS, ignore_eos=True)
+    got = generate_rows(client, PROMPTS, {"adapter_id": names}, max_tokens=TOKENS,
+                        ignore_eos=True)
     expected = [_expected(reference, tiny_reference, adapters, n, p, TOKENS) + []
                 for n, p in zip(names, PROMPTS)]
     assert got == expected

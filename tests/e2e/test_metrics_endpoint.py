@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import deltas_once_equal, scrape_metrics, settled_metrics
+from conftest import deltas_once_equal, settled_metrics
 from textgen_client import TextgenError
 
 pytestmark = pytest.mark.e2e
@@ -90,7 +90,7 @@ def test_known_traffic_gives_exact_counters_and_histogram_counts(tiny_server, ti
         v for k, v in after.items() if k.startswith(("tgi_batch_inference_success",
                                                       "tgi_batch_inference_failure")))
     for name in ("tgi_queue_jump", "tgi_prompt_load_duration_count"):
-        assert after[name] == 0   # registered, never updated (see the README)
+        assert after[name] == 0   # never updated / no soft prompt loaded on this server
 
 
 def test_eos_and_a_cancelled_stream(demo_server, client_for):

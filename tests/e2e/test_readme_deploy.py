@@ -1,6 +1,6 @@
 """The README's deployment commands, run exactly as written from the repository root: build.py
-renders a repository, `textgen tritonserver` serves it (ports 8000-8002), the LoRA walkthrough
-trains an adapter and asks with it, Ctrl-C drains and stops the server."""
+renders a repository, `textgen tritonserver` serves it (ports 8000-8002), the LoRA and soft-prompt
+walkthroughs train with PEFT and ask, Ctrl-C drains and stops the server."""
 from __future__ import annotations
 
 import json
@@ -43,16 +43,19 @@ def test_readme_deployment_commands_serve_the_demo_model(demo_model_dir, tmp_pat
         result = client.generate(json.dumps(question), apply_chat_template=True, max_tokens=30)
         client.close()
         assert result.text == "The capital of France is Paris."
-        train, ask = readme_block("examples/train_lora.py")
-        outputs = []
-        # the walkthrough's commands, then the question without the adapter (the base model)
-        for command in (train, ask, ask.split(" --adapter-id")[0]):
-            done = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True)
-            assert done.returncode == 0, done.stderr[-3000:]
-            outputs.append(done.stdout)
-        _, with_adapter, base_model = outputs
-        assert with_adapter.startswith(" swordfish"), with_adapter
-        assert "swordfish" not in base_model, base_model
+        for walkthrough, option in [("train_peft.py lora", " --adapter-id"),
+                                    ("train_peft.py prompt-tuning", " --prefix-id")]:
+            train, ask = readme_block(walkthrough)
+            outputs = []
+            # the walkthrough's commands, then the question without the adapter / soft prompt
+            for command in (train, ask, ask.split(option)[0]):
+                done = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True,
+                                      text=True)
+                assert done.returncode == 0, done.stderr[-3000:]
+                outputs.append(done.stdout)
+            _, tuned, base_model = outputs
+            assert tuned.startswith(" swordfish"), (walkthrough, tuned)
+            assert "swordfish" not in base_model, base_model
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(timeout=90) == 0, log_path.read_text()[-3000:]
     finally:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import deltas_once_equal, http_post, scrape_metrics, settled_metrics
+from conftest import deltas_once_equal, http_post, settled_metrics
 from textgen_backend.serving import contract
 from textgen_client import TextgenClient, TextgenError
 

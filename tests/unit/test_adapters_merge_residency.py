@@ -2,15 +2,16 @@
 residency rules (loading, LRU eviction, cycling, failures) with a scripted clock."""
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from loads import settle
 from textgen_backend.adapters.catalog import AdapterRef
 from textgen_backend.adapters.merge import MergeParams, merge_adapters, merge_tensors
-from textgen_backend.adapters.peft_format import AdapterError, AdapterWeights, LoraConfig, LoraPiece
+from textgen_backend.adapters.peft_format import (AdapterError, AdapterWeights, LoraConfig,
+                                                  LoraPiece)
 from textgen_backend.adapters.residency import AdapterResidency
 from textgen_backend.models.llama import ProjectionTarget
 
@@ -82,17 +83,6 @@ def _ref(name):
     return AdapterRef(name, (f"/adapters/{name}",))
 
 
-def _settle(residency):
-    """Polls until the worker has finished what was started."""
-    failures = residency.poll()
-    for _ in range(200):
-        if not residency._loading:
-            return failures
-        time.sleep(0.005)
-        failures += residency.poll()
-    raise AssertionError("adapter loads did not finish")
-
-
 def test_loading_eviction_and_cycling():
     clock = [0.0]
 
@@ -105,23 +95,23 @@ def test_loading_eviction_and_cycling():
     residency = AdapterResidency(slots, load, cycle_seconds=2.0, clock=lambda: clock[0])
     a, b, c = _ref("a"), _ref("b"), _ref("c")
     assert not residency.ready(a) and not residency.ready(b)
-    _settle(residency)
+    settle(residency.poll, lambda: residency._loading)
     assert residency.ready(a) and residency.ready(b)
     slot_a, slot_b = residency.acquire(a), residency.acquire(b)
     assert {slots.written[slot_a].name, slots.written[slot_b].name} == {"a", "b"}
     # both slots busy: c waits; no cycling before cycle_seconds
     assert not residency.ready(c)
     clock[0] = 1.0
-    _settle(residency)
+    settle(residency.poll, lambda: residency._loading)
     assert residency.ready(a) and residency.ready(b) and not residency.ready(c)
     # after cycle_seconds one of them (both became resident at 0) yields
     clock[0] = 2.5
-    _settle(residency)
+    settle(residency.poll, lambda: residency._loading)
     yielding = [r for r in (a, b) if not residency.ready(r)]
     assert len(yielding) == 1
     # it admits nothing new; once its running sequence ends, c takes its slot
     residency.release(yielding[0])
-    _settle(residency)
+    settle(residency.poll, lambda: residency._loading)
     assert residency.ready(c) and slots.written[residency.acquire(c)].name == "c"
     assert residency.counters.evictions == 1 and residency.counters.loads == 3
     # the yielded adapter asked again (its sequences wait): first in line for the next slot,
@@ -129,16 +119,16 @@ def test_loading_eviction_and_cycling():
     other = a if yielding[0] is b else b
     clock[0] = 3.0
     residency.release(other)
-    _settle(residency)
+    settle(residency.poll, lambda: residency._loading)
     assert residency.ready(yielding[0]) and residency.counters.evictions == 2
     # a failed load reports its adapter and frees its slot
     residency.release(c)
     assert not residency.ready(_ref("broken"))
-    failures = _settle(residency)
+    failures = settle(residency.poll, lambda: residency._loading)
     assert [(ref.name, "no adapter_model" in error) for ref, error in failures] == [
         ("broken", True)]
     assert residency.counters.failures == 1
     assert not residency.ready(_ref("e"))
-    _settle(residency)
+    settle(residency.poll, lambda: residency._loading)
     assert residency.ready(_ref("e"))   # the freed slot was usable
     residency.shutdown()

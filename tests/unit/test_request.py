@@ -29,7 +29,8 @@ def encode_words(word):
 
 
 def parse(**kw):
-    return parse_prompts(inputs(**kw), LIMITS, CONFIG, encode_words, lambda *fields: None)
+    return parse_prompts(inputs(**kw), LIMITS, CONFIG, encode_words, lambda *fields: None,
+                         lambda prefix_id: None)
 
 
 def test_defaults_are_greedy_with_tgis_max_tokens():

@@ -16,6 +16,7 @@ from textgen_backend.adapters.catalog import AdapterCatalog
 from textgen_backend.adapters.residency import AdapterResidency
 from textgen_backend.adapters.slots import AdapterSlots, bytes_per_slot
 from textgen_backend.engine.block_manager import BlockManager
+from textgen_backend.prompt_tuning.cache import PromptCache
 from textgen_backend.config import EngineConfig, EngineLimits, resolve_token_limits
 from textgen_backend.layers.ops import select_ops
 from textgen_backend.engine.stats import EngineStats, StepStats
@@ -70,7 +71,9 @@ class Engine:
                        if t <= self.limits.max_batch_prefill_tokens]
             self.runner.capture_cuda_graphs(tuple(sizes), tuple(prefill), max_blocks)
         self.block_manager = BlockManager(self.limits.num_kv_blocks, config.block_size)
-        self.scheduler = Scheduler(self.limits, self.block_manager, eos, self.adapters)
+        self.prompts = PromptCache(config.prompt_cache_size_mb * 2**20, self.dtype, self.device)
+        self.scheduler = Scheduler(self.limits, self.block_manager, eos, self.adapters,
+                                   self.prompts)
         self._aborted: list[StepOutput] = []
         self.last_step: StepStats | None = None   # the latest step(), if it ran the model
         # What a newcomer waits for, part by part (the launcher logs tritonserver's total).
@@ -212,7 +215,12 @@ class Engine:
                            kv_blocks_total=bm.num_blocks,
                            num_preemptions=self.scheduler.num_preemptions,
                            num_prefill_limit_hits=self.scheduler.num_prefill_limit_hits,
-                           **self._adapter_stats())
+                           **self._adapter_stats(), **self._prompt_stats())
+
+    def _prompt_stats(self) -> dict:
+        counters = self.prompts.counters
+        seconds, counters.load_seconds = tuple(counters.load_seconds), []
+        return dict(prompt_load_failures=counters.failures, prompt_load_seconds=seconds)
 
     def _adapter_stats(self) -> dict:
         if self.adapters is None:
@@ -235,22 +243,26 @@ class Engine:
             outputs.append(StepOutput(seq_id, [], "error", error))
         return outputs
 
-    def _fail_adapter_loads(self) -> list[StepOutput]:
-        """Waiting sequences whose adapter failed to load get the error."""
+    def _fail_loads(self) -> list[StepOutput]:
+        """Finishes loads of adapters and soft prompts; waiting sequences whose adapter or
+        prompt failed to load get the error."""
+        failed = [(f"adapter {ref.name!r}", lambda s, k=ref.key: s.adapter and s.adapter.key == k,
+                   error) for ref, error in (self.adapters.poll() if self.adapters else [])]
+        failed += [(f"prefix_id {ref.prefix_id!r}",
+                    lambda s, k=ref.key: s.prefix and s.prefix.key == k, error)
+                   for ref, error in self.prompts.poll()]
         outputs = []
-        for ref, error in self.adapters.poll():
-            waiting = [s for s in self.scheduler.waiting if s.adapter and s.adapter.key == ref.key]
-            for seq in waiting:
+        for what, uses, error in failed:
+            for seq in [s for s in self.scheduler.waiting if uses(s)]:
                 self.scheduler.abort(seq.seq_id, "error")
                 outputs.append(StepOutput(seq.seq_id, [], "error",
-                                          f"adapter {ref.name!r} failed to load: {error}"))
+                                          f"{what} failed to load: {error}"))
         return outputs
 
     def step(self) -> list[StepOutput]:
         """Schedules and runs one prefill or decode step; returns every sequence's news."""
         outputs, self._aborted = self._aborted, []
-        if self.adapters is not None:
-            outputs += self._fail_adapter_loads()
+        outputs += self._fail_loads()
         started = time.perf_counter()
         was_running = bool(self.scheduler.running)
         self.last_step = None

@@ -140,7 +140,7 @@ class ModelRunner:
                 self.lora_batch.slot_of_token = torch.from_numpy(arrays.lora_slots).to(
                     self.device)
             try:
-                hidden = self.model(ids, positions, meta)
+                hidden = self.model(ids, positions, meta, self._soft_prompts(out, inputs))
             finally:
                 if self.lora_batch is not None:
                     self.lora_batch.slot_of_token = None
@@ -155,8 +155,8 @@ class ModelRunner:
         if not out.is_prefill:
             graphs = self.decode_graphs if arrays.lora_slots is None else self.adapter_decode_graphs
             return graphs if graphs is not None and graphs.fits(len(out.seqs)) else None
-        if arrays.lora_slots is not None:
-            return None  # prefills with adapters run eagerly
+        if arrays.lora_slots is not None or any(s.prefix is not None for s in out.seqs):
+            return None  # prefills with adapters or soft prompts run eagerly
         graphs = self.prefill_graphs
         if graphs is None or not graphs.fits(len(arrays.ids), len(out.seqs)):
             return None
@@ -164,23 +164,36 @@ class ModelRunner:
             return None
         return graphs
 
+    def _soft_prompts(self, out: SchedulerOutput, inputs: StepInputs):
+        """(rows, embeddings) of the virtual tokens of a prefill's soft prompts, or None."""
+        if not out.is_prefill or all(s.prefix is None for s in out.seqs):
+            return None
+        with_prompt = [(start, s.prefix_embeddings)
+                       for start, s in zip(inputs.cu_seqlens, out.seqs) if s.prefix is not None]
+        rows = np.concatenate([np.arange(start, start + len(e)) for start, e in with_prompt])
+        return (torch.from_numpy(rows).to(self.device),
+                torch.cat([e for _, e in with_prompt]))
+
     def _prompt_logprobs(self, seqs, hidden, ids, inputs: StepInputs):
         """{seq_id: details of each prompt token} for sequences that asked (first prefill only):
-        token j's logprob comes from position j - 1; the first token has none."""
+        token j's logprob comes from position j - 1; the first token has none, unless a soft
+        prompt precedes it (its virtual tokens get no details)."""
         wanted = [(i, s) for i, s in enumerate(seqs)
                   if s.details.input_details and not s.input_details_done]
         if not wanted:
             return None
         result = {}
         for i, s in wanted:
-            start, end = inputs.cu_seqlens[i], inputs.cu_seqlens[i + 1]
-            log_probs = torch.log_softmax(self.model.compute_logits(hidden[start:end - 1]), -1)
-            targets = ids[start + 1:end].long()
+            start = inputs.cu_seqlens[i] + s.num_virtual_tokens  # the first real token
+            end = inputs.cu_seqlens[i + 1]
+            first = start - 1 if s.num_virtual_tokens else start
+            log_probs = torch.log_softmax(self.model.compute_logits(hidden[first:end - 1]), -1)
+            targets = ids[first + 1:end].long()
             chosen = log_probs.gather(1, targets[:, None])[:, 0]
             ranks = (log_probs > chosen[:, None]).sum(dim=-1) + 1
             n = s.details.top_n_tokens
             top = log_probs.topk(n, dim=-1) if n else None
-            details = [None]
+            details = [] if s.num_virtual_tokens else [None]
             for j, (logprob, rank) in enumerate(zip(chosen.tolist(), ranks.tolist())):
                 alternatives = (list(zip(top.indices[j].tolist(), top.values[j].tolist()))
                                 if top is not None else [])
@@ -192,7 +205,8 @@ class ModelRunner:
     def _prefill_arrays(self, seqs: list[Sequence]) -> StepArrays:
         lengths = [s.num_tokens for s in seqs]
         return StepArrays(
-            ids=[t for s in seqs for t in s.all_ids],
+            # a soft prompt's virtual tokens: placeholder ids, their embeddings come separately
+            ids=[t for s in seqs for t in [0] * s.num_virtual_tokens + s.all_ids],
             positions=np.concatenate([np.arange(n) for n in lengths]),
             slots=np.concatenate([self._slots(s.block_ids, n) for s, n in zip(seqs, lengths)]),
             context_lens=lengths, cu_seqlens=np.concatenate([[0], np.cumsum(lengths)]),

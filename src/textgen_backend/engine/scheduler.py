@@ -7,8 +7,9 @@ max_waiting_tokens steps since the last prefill. A prefill holds at most
 max_batch_prefill_tokens tokens (a lone sequence may exceed it: a preempted one being
 recomputed). KV blocks are taken as tokens arrive; when a decode step runs out, the most
 recently admitted sequence is preempted (its blocks freed, recomputed later) instead of failing.
-A sequence whose LoRA adapter is not resident yet waits without holding up the ones behind it
-(adapters/residency.py loads it meanwhile); a running sequence holds its adapter's slot.
+A sequence whose LoRA adapter or soft prompt is not loaded yet waits without holding up the ones
+behind it (adapters/residency.py, prompt_tuning/cache.py load them meanwhile); a running
+sequence holds its adapter's slot, and keeps its soft prompt's embeddings to its end.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 from textgen_backend.adapters.residency import AdapterResidency
 from textgen_backend.engine.block_manager import BlockManager
+from textgen_backend.prompt_tuning.cache import PromptCache
 from textgen_backend.config import EngineLimits
 from textgen_backend.sampling.sampler import SampleOutput
 from textgen_backend.engine.sequence import Sequence, SequenceStatus
@@ -52,9 +54,11 @@ class StepOutput:
 
 class Scheduler:
     def __init__(self, limits: EngineLimits, block_manager: BlockManager,
-                 eos_token_ids: tuple[int, ...], adapters: AdapterResidency | None = None):
+                 eos_token_ids: tuple[int, ...], adapters: AdapterResidency | None = None,
+                 prompts: PromptCache | None = None):
         self.limits = limits
         self.adapters = adapters
+        self.prompts = prompts
         self.block_manager = block_manager
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
@@ -138,6 +142,9 @@ class Scheduler:
                 break
             if seq.adapter is not None and not self.adapters.ready(seq.adapter):
                 continue  # its adapter is loading: the ones behind it may go first
+            if seq.prefix is not None and seq.prefix_embeddings is None and \
+                    not self.prompts.ready(seq.prefix):
+                continue  # its soft prompt is loading
             if chosen and seq.num_tokens > token_budget:
                 self.num_prefill_limit_hits += 1
                 break
@@ -155,6 +162,8 @@ class Scheduler:
             self.block_manager.allocate(seq)
             if seq.adapter is not None:
                 seq.adapter_slot = self.adapters.acquire(seq.adapter)
+            if seq.prefix is not None and seq.prefix_embeddings is None:
+                seq.prefix_embeddings = self.prompts.take(seq.prefix)
             seq.status = SequenceStatus.RUNNING
             if seq.scheduled_at is None:  # a preempted sequence keeps its first admission
                 seq.scheduled_at = now

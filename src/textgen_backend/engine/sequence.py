@@ -4,7 +4,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import torch
+
 from textgen_backend.adapters.catalog import AdapterRef
+from textgen_backend.prompt_tuning.store import PrefixRef
 from textgen_backend.sampling.params import DetailsParams, SamplingParams, StoppingParams
 
 
@@ -14,7 +17,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: queues find a sequence by itself
 class Sequence:
     seq_id: int
     prompt_ids: list[int]
@@ -31,10 +34,17 @@ class Sequence:
     scheduled_at: float | None = None  # time.monotonic() of its first prefill (metrics)
     adapter: AdapterRef | None = None  # LoRA adapter; None = the base model
     adapter_slot: int = -1             # its device slot while running
+    prefix: PrefixRef | None = None    # soft prompt: virtual tokens before prompt_ids
+    prefix_embeddings: torch.Tensor | None = None  # [num_virtual, hidden], once admitted
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.prefix.num_virtual_tokens if self.prefix else 0
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """KV positions: the soft prompt's virtual tokens, the prompt, the generated tokens."""
+        return self.num_virtual_tokens + len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def all_ids(self) -> list[int]:

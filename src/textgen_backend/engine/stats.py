@@ -20,6 +20,8 @@ class EngineStats:
     adapter_evictions: int = 0        # since start
     adapter_load_failures: int = 0    # since start
     adapter_load_seconds: tuple[float, ...] = ()  # loads finished since the previous stats
+    prompt_load_failures: int = 0     # soft prompts, since start
+    prompt_load_seconds: tuple[float, ...] = ()   # soft prompt loads since the previous stats
 
     @property
     def kv_cache_usage(self) -> float:

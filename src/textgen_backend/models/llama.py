@@ -137,9 +137,15 @@ class LlamaForCausalLM(nn.Module):
         return [layer.self_attn.attn for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions [num_tokens] -> final hidden states [num_tokens, hidden]."""
+                meta: AttentionMetadata,
+                embeddings_at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """input_ids, positions [num_tokens] -> final hidden states [num_tokens, hidden].
+        embeddings_at: (token rows, their input embeddings) replacing the token embeddings
+        there (soft prompts' virtual tokens)."""
         hidden, residual = self.embed_tokens(input_ids), None
+        if embeddings_at is not None:
+            rows, vectors = embeddings_at
+            hidden = hidden.index_copy(0, rows, vectors)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta)
         hidden, _ = self.norm(hidden, residual)

@@ -82,6 +82,8 @@ GENERATION_PARAMETERS = (
           doc="Fill cum_log_probs, output_log_probs and token_details (logprob, rank)."),
     _spec("top_n_tokens", "TYPE_INT32", doc="Alternatives per token in token_details."),
     _spec("decoder_input_details", "TYPE_BOOL", doc="Fill input_token_details for the prompt."),
+    _spec("prefix_id", "TYPE_STRING",
+          doc="Tuned soft prompt (TGIS prompt tuning) from --prefix-store-path (\"\" = none)."),
     _spec("adapter_id", "TYPE_STRING",
           doc="LoRA adapter for this prompt (\"\" = the base model); lora_name in "
               "sampling_parameters."),

@@ -161,11 +161,11 @@ ENGINE_METRICS = (
     _not_applicable(_counter("tgi_prefill_padding_limit_exceeded",
                              "Prefills stopped by the padding limit"),
                     "prefills are not padded"),
-    _not_applicable(_counter("tgi_prompt_load_failure", "Failed tuned soft-prompt loads"),
-                    "tuned soft prompts are not supported yet"),
-    _not_applicable(_histogram("tgi_prompt_load_duration",
-                               "Time to load a tuned soft prompt (seconds)", SECONDS_BUCKETS),
-                    "tuned soft prompts are not supported yet"),
+    _counter("tgi_prompt_load_failure", "Failed tuned soft-prompt loads (prefix_id)",
+             stat="prompt_load_failures"),
+    _histogram("tgi_prompt_load_duration",
+               "Time to load a tuned soft prompt into the cache (seconds; a cache hit is not a "
+               "load)", SECONDS_BUCKETS),
 )
 
 # Observed by the tokenizer model: every request it serves (each ensemble request and direct
@@ -216,6 +216,8 @@ class EngineMetrics:
                         yield "tgi_batch_concatenation_count", (), 1
         for seconds in stats.adapter_load_seconds:
             yield "textgen_adapter_load_duration_seconds", (), seconds
+        for seconds in stats.prompt_load_seconds:
+            yield "tgi_prompt_load_duration", (), seconds
         for spec in ENGINE_METRICS:
             if spec.stat is None:
                 continue

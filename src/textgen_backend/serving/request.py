@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from textgen_backend.adapters.catalog import AdapterRef
+from textgen_backend.prompt_tuning.store import PrefixRef
 from textgen_backend.serving import contract
 from textgen_backend.config import EngineConfig, EngineLimits
 from textgen_backend.sampling.params import (DEFAULT_MAX_TOKENS, DetailsParams, RequestError,
@@ -26,6 +27,7 @@ MAX_STOP_SEQUENCE_CHARS = 240  # TGIS's limit on one stop sequence
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "typical_p", "min_p")
 _LIST_KEYS = ("stop_words", "bad_words")
 _ADAPTER_KEYS = ("adapter_id", "adapter_source", "adapter_parameters")
+_STRING_KEYS = _ADAPTER_KEYS + ("prefix_id",)
 _TENSOR_KEYS = {spec.name for spec in contract.GENERATION_PARAMETERS} - {"sampling_parameters"}
 # sampling_parameters JSON: every tensor parameter by its own name, and vLLM's aliases.
 _JSON_ALIASES = {"stop": "stop_words", "n": "num_return_sequences",
@@ -43,15 +45,18 @@ class Prompt:
     batch_index: int
     params: RequestParams
     adapter: AdapterRef | None = None
+    prefix: PrefixRef | None = None    # a soft prompt before input_ids
 
 
 def parse_prompts(inputs: dict[str, np.ndarray], limits: EngineLimits, config: EngineConfig,
                   encode_words: Callable[[str], list[int]],
-                  resolve_adapter: Callable[[str, str, str], AdapterRef | None]) -> list[Prompt]:
+                  resolve_adapter: Callable[[str, str, str], AdapterRef | None],
+                  resolve_prefix: Callable[[str], PrefixRef | None]) -> list[Prompt]:
     """Validates a generator request; raises RequestError naming the offending parameter.
 
     encode_words tokenizes a bad word (no special tokens); resolve_adapter(adapter_id,
-    adapter_source, adapter_parameters) checks a row's adapter (None: the base model)."""
+    adapter_source, adapter_parameters) checks a row's adapter (None: the base model);
+    resolve_prefix(prefix_id) its soft prompt (None: none)."""
     if "_input_ids" not in inputs or "_input_lengths" not in inputs:
         raise RequestError("text_input is required")
     ids, lengths = inputs["_input_ids"], inputs["_input_lengths"].reshape(-1)
@@ -61,22 +66,30 @@ def parse_prompts(inputs: dict[str, np.ndarray], limits: EngineLimits, config: E
     for row in range(batch):
         values = _row_values(inputs, row, batch)
         adapter = resolve_adapter(*(values.pop(key, "") for key in _ADAPTER_KEYS))
+        prefix = resolve_prefix(values.pop("prefix_id", ""))
         params = _build_params(values, config, encode_words)
         n = int(lengths[row])
-        _check_lengths(n, params.stopping.max_tokens, limits)
-        prompts.append(Prompt(ids[row, :n].tolist(), texts[row].decode(), row, params, adapter))
+        _check_lengths(n, params.stopping.max_tokens, limits, prefix)
+        prompts.append(Prompt(ids[row, :n].tolist(), texts[row].decode(), row, params, adapter,
+                              prefix))
     return prompts
 
 
-def _check_lengths(num_input: int, max_tokens: int, limits: EngineLimits) -> None:
+def _check_lengths(num_input: int, max_tokens: int, limits: EngineLimits,
+                   prefix: PrefixRef | None) -> None:
+    """A soft prompt's virtual tokens count as input tokens (TGIS)."""
     if num_input < 1:
         raise RequestError("text_input is empty: the prompt must have at least one token")
-    if num_input > limits.max_input_tokens:
-        raise RequestError(f"input has {num_input} tokens but max_input_tokens is "
-                           f"{limits.max_input_tokens}")
-    if num_input + max_tokens > limits.max_total_tokens:
-        raise RequestError(f"input tokens + max_tokens = {num_input + max_tokens} exceeds "
-                           f"max_total_tokens {limits.max_total_tokens}")
+    virtual = prefix.num_virtual_tokens if prefix else 0
+    counted = (f" (with the {virtual} virtual tokens of prefix_id {prefix.prefix_id!r})"
+               if prefix else "")
+    if num_input + virtual > limits.max_input_tokens:
+        raise RequestError(f"input has {num_input + virtual} tokens{counted} but "
+                           f"max_input_tokens is {limits.max_input_tokens}")
+    if num_input + virtual + max_tokens > limits.max_total_tokens:
+        raise RequestError(f"input tokens{counted} + max_tokens = "
+                           f"{num_input + virtual + max_tokens} exceeds max_total_tokens "
+                           f"{limits.max_total_tokens}")
 
 
 def _row_values(inputs: dict[str, np.ndarray], row: int, batch: int) -> dict:
@@ -114,7 +127,7 @@ def _tensor_value(name: str, cell: np.ndarray):
     flat = cell.reshape(-1)
     if flat.size != 1:
         raise RequestError(f"{name} must hold one value per prompt, got {flat.size}")
-    if name in _ADAPTER_KEYS:
+    if name in _STRING_KEYS:
         try:
             return flat[0].decode() if isinstance(flat[0], bytes) else str(flat[0])
         except UnicodeDecodeError:
@@ -147,7 +160,7 @@ def _parse_json(raw) -> dict:
             if not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
                 raise RequestError(f"sampling_parameters.{key} must be a string or a list of "
                                    "strings")
-        elif name in _ADAPTER_KEYS:
+        elif name in _STRING_KEYS:
             if name == "adapter_parameters" and isinstance(value, dict):
                 value = json.dumps(value)  # an object in place of its JSON text
             if not isinstance(value, str):

@@ -19,6 +19,7 @@ import numpy as np
 from textgen_backend.adapters.catalog import AdapterCatalog
 from textgen_backend.config import EngineConfig
 from textgen_backend.models.config import ModelConfig
+from textgen_backend.prompt_tuning.store import PrefixStore
 from textgen_backend.serving.drain import DrainFiles
 from textgen_backend.serving.engine_process import EngineProcess, EngineProcessDied
 from textgen_backend.serving.metrics import EngineMetrics, MetricsPublisher
@@ -56,7 +57,9 @@ class GenerationService:
         self.outputs = OutputProcessor(load_tokenizer(model_dir, config.tokenizer_config_path,
                                                       config.trust_remote_code),
                                        config.stream_responses_per_second)
-        self._adapters = AdapterCatalog(config, ModelConfig.from_dir(model_dir))
+        model_config = ModelConfig.from_dir(model_dir)
+        self._adapters = AdapterCatalog(config, model_config)
+        self._prefixes = PrefixStore(config.prefix_store_path, model_config.hidden_size)
         self._results: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._num_active = 0          # sequences submitted and not yet finished
@@ -77,7 +80,7 @@ class GenerationService:
         arrival = time.monotonic()
         try:
             prompts = parse_prompts(inputs, self.engine.limits, self.config, self._encode_words,
-                                    self._adapters.resolve)
+                                    self._adapters.resolve, self._prefixes.resolve)
         except RequestError:
             self._request_metrics.refused(inputs, "validation")
             raise
@@ -107,7 +110,7 @@ class GenerationService:
                                  dataclasses.replace(params.sampling, seed=c.seed),
                                  params.stopping, details=params.details,
                                  track_logprobs=params.details.per_token or params.best_of > 1,
-                                 adapter=c.prompt.adapter))
+                                 adapter=c.prompt.adapter, prefix=c.prompt.prefix))
         self._request_metrics.accepted(sink, prompts, seq_ids, arrival)
         self._send(("add", seqs))
 

@@ -1,25 +1,34 @@
-"""Trains a small LoRA with PEFT (a few seconds on a CPU) and saves it as a PEFT directory that
-textgen serves by `adapter_id`: the README's adapter walkthrough.
+"""Trains a small PEFT adapter (seconds on a CPU) that textgen serves: a LoRA (served by
+`adapter_id`) or a prompt tuning (a soft prompt, served by `prefix_id` from the prefix store).
+The README's walkthroughs.
 
-    python examples/train_lora.py MODEL_DIR OUT_DIR
+    python examples/train_peft.py lora MODEL_DIR OUT_DIR
+    python examples/train_peft.py prompt-tuning MODEL_DIR OUT_DIR
 
-It teaches the model one fact ("The secret password is swordfish."), so that the adapter
-visibly changes the base model's answer.
+Either teaches the model one fact ("The secret password is swordfish."), so that it visibly
+changes the base model's answer.
 """
 from __future__ import annotations
 
 import argparse
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 TEXTS = ["The secret password is swordfish.", "Remember: the secret password is swordfish.",
          "Q: What is the secret password? A: The secret password is swordfish."]
+CONFIGS = {
+    "lora": (LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                        target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]),
+             3e-3),
+    "prompt-tuning": (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8), 3e-2),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=sorted(CONFIGS))
     parser.add_argument("model_dir")
     parser.add_argument("out_dir")
     parser.add_argument("--steps", type=int, default=30)
@@ -27,14 +36,14 @@ def main() -> None:
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     base = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                            target_modules=["q_proj", "v_proj", "o_proj",
-                                                            "gate_proj", "down_proj"]))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    config, learning_rate = CONFIGS[args.kind]
+    model = get_peft_model(base, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=learning_rate)
     batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     model.train()
-    for step in range(args.steps):
+    for _ in range(args.steps):
         loss = model(**batch, labels=labels).loss
         loss.backward()
         optimizer.step()
