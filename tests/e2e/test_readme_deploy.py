@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 from pathlib import Path
@@ -26,6 +27,27 @@ def readme_block(containing: str) -> list[str]:
     return [line for line in block.splitlines() if line.strip()]
 
 
+def peft_answer(model_dir: Path, ask: str, store: Path) -> str:
+    """What PEFT itself answers to the walkthrough's question with what it trained (store: the
+    rendered repository's prefix store)."""
+    from transformers import AutoTokenizer
+
+    from lora_adapters import PeftReference
+    from soft_prompts import peft_prompt_tuning_greedy
+
+    words = shlex.split(ask)
+    prompt, tokens = words[1], int(words[words.index("--max-tokens") + 1])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(prompt)["input_ids"]
+    if "--adapter-id" in words:
+        answer = PeftReference(model_dir).greedy(Path(words[words.index("--adapter-id") + 1]),
+                                                 ids, tokens)
+    else:
+        answer = peft_prompt_tuning_greedy(model_dir, store / words[words.index("--prefix-id") + 1],
+                                           ids, tokens)
+    return tokenizer.decode(answer, skip_special_tokens=True)
+
+
 def test_readme_deployment_commands_serve_the_demo_model(demo_model_dir, tmp_path):
     render, serve = readme_block("textgen tritonserver --model-repository")
     rendered = subprocess.run(render, shell=True, cwd=ROOT, capture_output=True, text=True)
@@ -43,6 +65,8 @@ def test_readme_deployment_commands_serve_the_demo_model(demo_model_dir, tmp_pat
         result = client.generate(json.dumps(question), apply_chat_template=True, max_tokens=30)
         client.close()
         assert result.text == "The capital of France is Paris."
+        render_words = shlex.split(render)
+        store = Path(render_words[render_words.index("--prefix-store-path") + 1])
         for walkthrough, option in [("train_peft.py lora", " --adapter-id"),
                                     ("train_peft.py prompt-tuning", " --prefix-id")]:
             train, ask = readme_block(walkthrough)
@@ -56,6 +80,7 @@ def test_readme_deployment_commands_serve_the_demo_model(demo_model_dir, tmp_pat
             _, tuned, base_model = outputs
             assert tuned.startswith(" swordfish"), (walkthrough, tuned)
             assert "swordfish" not in base_model, base_model
+            assert tuned == peft_answer(demo_model_dir, ask, store) + "\n", walkthrough
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(timeout=90) == 0, log_path.read_text()[-3000:]
     finally:

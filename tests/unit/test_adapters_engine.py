@@ -2,7 +2,10 @@
 targets: each row equals PEFT's greedy answer for its adapter alone (float32, CPU)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from lora_adapters import ATTENTION, MLP, PeftReference, save_random_lora
 from textgen_backend.adapters.catalog import AdapterCatalog
@@ -89,3 +92,116 @@ def test_an_adapter_that_fails_to_load_fails_only_its_sequences(setup, tmp_path)
     assert list(errors) == [0] and "adapter" in errors[0] and "failed to load" in errors[0]
     assert seqs[1].output_ids == reference.greedy(None, PROMPTS[1], 6)
     assert engine.stats().adapter_load_failures == 1
+
+
+def _serve(engine, seqs):
+    outputs = _run(engine, seqs)
+    return [outputs[s.seq_id] for s in seqs]
+
+
+def _greedy_seqs(refs, tokens=10):
+    return [Sequence(i, PROMPTS[i % len(PROMPTS)], SamplingParams(),
+                     StoppingParams(max_tokens=tokens, ignore_eos=True), adapter=ref)
+            for i, ref in enumerate(refs)]
+
+
+def test_adapters_on_a_gptq_base_equal_peft_on_its_dequantized_weights(setup, tmp_path):
+    from quant_checkpoints import write_quantized
+
+    model_dir, adapters, _ = setup
+    quant_dir, ref_dir = write_quantized(model_dir, tmp_path, method="gptq", desc_act=True)
+    config = EngineConfig(model_id=str(quant_dir), max_lora_rank=16)
+    engine = Engine(config, quant_dir)
+    catalog = AdapterCatalog(config, ModelConfig.from_dir(quant_dir))
+    names = [None, "attn-r4", "all-r16-rslora"]
+    refs = [catalog.resolve(str(adapters[n]), "local", "") if n else None for n in names]
+    reference = PeftReference(ref_dir)
+    expected = [reference.greedy(adapters[n] if n else None, PROMPTS[i], 10)
+                for i, n in enumerate(names)]
+    assert _serve(engine, _greedy_seqs(refs)) == expected
+
+
+def _fuse(unfused: Path, out: Path) -> Path:
+    """The same LoRA as trained on fused qkv_proj / gate_up_proj (A shared by the shards, B
+    stacked), as a checkpoint of a model with fused projections would hold it."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(unfused / "adapter_model.safetensors")
+    fused = {}
+    for name in [n for n in tensors if ".q_proj.lora_A" in n or ".gate_proj.lora_A" in n]:
+        shards = ["q_proj", "k_proj", "v_proj"] if "q_proj" in name else ["gate_proj", "up_proj"]
+        target = "qkv_proj" if "q_proj" in name else "gate_up_proj"
+        fused[name.replace(shards[0], target)] = tensors[name]
+        fused[name.replace(shards[0], target).replace("lora_A", "lora_B")] = torch.cat(
+            [tensors[name.replace(shards[0], s).replace("lora_A", "lora_B")] for s in shards])
+    for name in [n for n in tensors if ".o_proj." in n or ".down_proj." in n]:
+        fused[name] = tensors[name]
+    out.mkdir()
+    save_file(fused, out / "adapter_model.safetensors")
+    config = json.loads((unfused / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_an_adapter_trained_on_fused_projections_maps_onto_ours(setup, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model_dir, _, reference = setup
+    shared = save_random_lora(model_dir, tmp_path / "shared", 8, ATTENTION + MLP, seed=9)
+    # one A for the shards of each fused projection, as a fused-trained LoRA has
+    tensors = load_file(shared / "adapter_model.safetensors")
+    for name in list(tensors):
+        for first, others in (("q_proj", ("k_proj", "v_proj")), ("gate_proj", ("up_proj",))):
+            if f".{first}.lora_A" in name:
+                for other in others:
+                    tensors[name.replace(first, other)] = tensors[name].clone()
+    save_file(tensors, shared / "adapter_model.safetensors")
+    fused = _fuse(shared, tmp_path / "fused")
+    config = EngineConfig(model_id=str(model_dir), max_lora_rank=8)
+    catalog = AdapterCatalog(config, ModelConfig.from_dir(model_dir))
+    engine = Engine(config, model_dir)
+    got = _serve(engine, _greedy_seqs([catalog.resolve(str(fused), "local", "")] * 2))
+    assert got == [reference.greedy(shared, PROMPTS[i], 10) for i in range(2)]
+    assert got[0] != reference.greedy(None, PROMPTS[0], 10)
+
+
+def test_pickled_adapters_only_under_load_format_pt(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    from textgen_backend.adapters.peft_format import AdapterError
+
+    model_dir, adapters, reference = setup
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save(load_file(adapters["mlp-r8"] / "adapter_model.safetensors"),
+               pickled / "adapter_model.bin")
+    (pickled / "adapter_config.json").write_text(
+        (adapters["mlp-r8"] / "adapter_config.json").read_text())
+    refused = AdapterCatalog(EngineConfig(model_id=str(model_dir)), ModelConfig.from_dir(model_dir))
+    with pytest.raises(AdapterError, match="--load-format pt"):
+        refused.resolve(str(pickled), "local", "")
+    config = EngineConfig(model_id=str(model_dir), max_lora_rank=16, load_format="pt")
+    ref = AdapterCatalog(config, ModelConfig.from_dir(model_dir)).resolve(str(pickled), "local", "")
+    got = _serve(Engine(config, model_dir), _greedy_seqs([ref]))
+    assert got == [reference.greedy(adapters["mlp-r8"], PROMPTS[0], 10)]
+
+
+def test_hub_adapters_resolve_offline_from_the_hub_cache(setup, tmp_path):
+    import shutil
+
+    from textgen_backend.adapters.peft_format import AdapterError
+
+    model_dir, adapters, _ = setup
+    repo = tmp_path / "hub" / "models--someone--attn-lora"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(adapters["attn-r4"], snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    config = EngineConfig(model_id=str(model_dir), huggingface_hub_cache=str(tmp_path / "hub"))
+    catalog = AdapterCatalog(config, ModelConfig.from_dir(model_dir))
+    ref = catalog.resolve("someone/attn-lora", "hub", "")
+    assert Path(ref.directories[0]) == snapshot.resolve() or Path(ref.directories[0]) == snapshot
+    with pytest.raises(AdapterError, match="never downloaded"):
+        catalog.resolve("someone/elsewhere", "hub", "")

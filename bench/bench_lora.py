@@ -1,0 +1,252 @@
+"""LoRA serving on Llama-3-8B's shape (bf16, random weights; rank-16 adapters on all seven
+projections, random too), one GPU, one run, four tables:
+
+  1. decode ms per step at batch 64: the base model alone, then 1, 8 and 64 distinct adapters
+  2. 1,000 ShareGPT-shaped requests in-process: no adapters vs 100 adapters (Zipf-distributed)
+  3. loading a rank-16 adapter from local disk, and the decode steps that run during loads
+  4. the shrink / expand kernels against the bytes they must move (measured bandwidth)
+
+    python bench/bench_lora.py [--rank 16] [--batch 64] [--requests 1000] [--adapters 100]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import (LLAMA3_8B, Timer, llama3_8b_dir, measure_ceilings, print_table,
+                    release_gpu_memory, sharegpt_workload)
+
+PROJECTIONS = {"self_attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
+               "mlp": ["gate_proj", "up_proj", "down_proj"]}
+
+
+def _shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """Projection -> (in, out) features."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    q = config["num_attention_heads"] * config["head_dim"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def write_adapters(root: Path, count: int, rank: int) -> list[Path]:
+    """`count` random PEFT LoRA directories of Llama-3-8B's shape (bf16)."""
+    from safetensors.torch import save_file
+
+    shapes = _shapes(LLAMA3_8B)
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "bias": "none",
+              "target_modules": [p for ps in PROJECTIONS.values() for p in ps]}
+    directories = []
+    generator = torch.Generator(device="cuda")
+    for index in range(count):
+        generator.manual_seed(index)
+        tensors = {}
+        for layer in range(LLAMA3_8B["num_hidden_layers"]):
+            for block, names in PROJECTIONS.items():
+                for name in names:
+                    fan_in, fan_out = shapes[name]
+                    prefix = f"base_model.model.model.layers.{layer}.{block}.{name}"
+                    tensors[f"{prefix}.lora_A.weight"] = (torch.randn(
+                        rank, fan_in, generator=generator, device="cuda") / fan_in**0.5
+                    ).bfloat16().cpu()
+                    tensors[f"{prefix}.lora_B.weight"] = (torch.randn(
+                        fan_out, rank, generator=generator, device="cuda") / rank**0.5 / 8
+                    ).bfloat16().cpu()
+        directory = root / f"adapter-{index}"
+        directory.mkdir()
+        save_file(tensors, directory / "adapter_model.safetensors")
+        (directory / "adapter_config.json").write_text(json.dumps(config))
+        directories.append(directory)
+    return directories
+
+
+def build_engine(model_dir: Path, rank: int, num_adapters: int):
+    from textgen_backend.adapters.catalog import AdapterCatalog
+    from textgen_backend.config import EngineConfig
+    from textgen_backend.engine.engine import Engine
+
+    config = EngineConfig(model_id=str(model_dir), load_format="dummy", dtype="bfloat16",
+                          max_input_tokens=1024, max_total_tokens=2048,
+                          max_batch_prefill_tokens=8192, max_concurrent_requests=1024,
+                          max_batch_size=512, cuda_graphs="1,2,4,8,16,32,64,128,256,384,512",
+                          max_lora_rank=rank, max_active_adapters=num_adapters + 8,
+                          adapter_memory_fraction=0.15, adapter_source="local",
+                          waiting_served_ratio=0.0)
+    engine = Engine(config, model_dir)
+    return engine, AdapterCatalog(config, engine.model_config)
+
+
+def _sequences(first_id, count, lengths, adapters, rng):
+    from textgen_backend.engine.sequence import Sequence
+    from textgen_backend.sampling.params import SamplingParams, StoppingParams
+
+    return [Sequence(first_id + i, rng.integers(0, 128000, n_in).tolist(), SamplingParams(),
+                     StoppingParams(max_tokens=n_out, ignore_eos=True), adapter=adapter)
+            for i, ((n_in, n_out), adapter) in enumerate(zip(lengths[:count], adapters))]
+
+
+def decode_ms(engine, refs: list, batch: int, context: int, steps: int, first_id: int) -> float:
+    """ms per decode step of `batch` sequences, row i with refs[i % len(refs)] (None: base)."""
+    rng = np.random.default_rng(first_id)
+    seqs = _sequences(first_id, batch, [(context, steps + 8)] * batch,
+                      [refs[i % len(refs)] for i in range(batch)], rng)
+    for seq in seqs:
+        engine.add(seq)
+    while any(not s.output_ids for s in seqs):  # adapter loads, prefills
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    with Timer() as t:
+        for _ in range(steps):
+            engine.step()
+    assert all(len(s.output_ids) == steps + 4 for s in seqs), "a sequence fell out of the batch"
+    while engine.has_work():
+        engine.step()
+    return 1e3 * t.seconds / steps
+
+
+def throughput(engine, requests, refs: list, first_id: int) -> tuple[float, float]:
+    """(generated tokens per second, seconds) for the workload, request i with refs[i]."""
+    seqs = _sequences(first_id, len(requests), requests, refs, np.random.default_rng(1))
+    with Timer() as t:
+        for seq in seqs:
+            engine.add(seq)
+        while engine.has_work():
+            engine.step()
+    return sum(n_out for _, n_out in requests) / t.seconds, t.seconds
+
+
+def loading(engine, catalog, directories, batch: int, context: int) -> dict:
+    """Load time of 5 adapters read from disk into the last slot (the page cache is not
+    dropped), then the decode steps of a running base batch while 8 more load."""
+    load_ms = []
+    slots = engine.adapters.slots
+    for directory in directories[:5]:
+        ref = catalog.resolve(str(directory), "local", "")
+        with Timer() as t:
+            slots.write(slots.num_slots - 1, catalog.load(ref))
+            torch.cuda.synchronize()
+        load_ms.append(1e3 * t.seconds)
+    rng = np.random.default_rng(7)
+    base = _sequences(900_000, batch, [(context, 400)] * batch, [None] * batch, rng)
+    for seq in base:
+        engine.add(seq)
+    while any(not s.output_ids for s in base):
+        engine.step()
+    quiet, during = [], []
+    for _ in range(30):
+        engine.step()
+        quiet.append(engine.last_step.total_seconds)
+    refs = [catalog.resolve(str(d), "local", "") for d in directories[5:13]]
+    waiting = _sequences(910_000, len(refs), [(16, 4)] * len(refs), refs, rng)
+    for seq in waiting:
+        engine.add(seq)
+    started = time.perf_counter()
+    while any(not s.output_ids for s in waiting):
+        engine.step()
+        if engine.last_step is not None and not engine.last_step.is_prefill:
+            during.append(engine.last_step.total_seconds)
+    loads_seconds = time.perf_counter() - started
+    while engine.has_work():
+        engine.step()
+    return {"load_ms": load_ms, "quiet_ms": 1e3 * float(np.median(quiet)),
+            "worst_ms": 1e3 * max(during, default=float("nan")),
+            "steps_during": len(during), "loads_seconds": loads_seconds}
+
+
+def kernels(rank: int, slots: int, batch: int, bandwidth: float) -> list[list]:
+    import triton.testing
+
+    from textgen_kernels.lora import lora_expand, lora_shrink
+
+    rows = []
+    for name, (k, n, shards) in {"qkv_proj": (4096, 6144, 3), "gate_up_proj": (4096, 28672, 2),
+                                 "down_proj": (14336, 4096, 1)}.items():
+        r = shards * rank
+        for distinct in (1, 8, 64):
+            x = torch.randn(batch, k, dtype=torch.bfloat16, device="cuda")
+            a = torch.randn(slots, r, k, dtype=torch.bfloat16, device="cuda")
+            b = torch.randn(slots, n, r, dtype=torch.bfloat16, device="cuda")
+            slot_of = (torch.arange(batch, device="cuda") % distinct).int()
+            out = torch.randn(batch, n, dtype=torch.bfloat16, device="cuda")
+            h = lora_shrink(x, a, slot_of)
+            shrink_ms = triton.testing.do_bench(lambda: lora_shrink(x, a, slot_of, out=h),
+                                                return_mode="median")
+            expand_ms = triton.testing.do_bench(lambda: lora_expand(out, h, b, slot_of),
+                                                return_mode="median")
+            shrink_bytes = 2 * (distinct * r * k + batch * k) + 4 * batch * r
+            expand_bytes = 2 * (distinct * n * r + 2 * batch * n) + 4 * batch * r
+            rows.append([name, distinct, f"{1e3 * shrink_ms:.1f}",
+                         f"{100 * shrink_bytes / (shrink_ms / 1e3) / bandwidth:.0f}%",
+                         f"{1e3 * expand_ms:.1f}",
+                         f"{100 * expand_bytes / (expand_ms / 1e3) / bandwidth:.0f}%"])
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--adapters", type=int, default=100)
+    parser.add_argument("--zipf", type=float, default=1.1)
+    args = parser.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    print(f"commit {commit or 'unknown'}; {torch.cuda.get_device_name()}")
+    ceilings = measure_ceilings()
+    root = Path(tempfile.mkdtemp(prefix="lora-bench-"))
+    count = max(args.adapters, 64)
+    directories = write_adapters(root, count + 13, args.rank)  # 13 never served before loads
+    engine, catalog = build_engine(llama3_8b_dir(), args.rank, count)
+    refs = [catalog.resolve(str(d), "local", "") for d in directories[:count]]
+
+    # loads first: every slot is free, so the direct write below touches no served adapter
+    loads = loading(engine, catalog, directories[count:], args.batch, args.context)
+    decode_rows, base_ms = [], None
+    for distinct in (0, 1, 8, 64):
+        chosen = refs[:distinct] or [None]
+        ms = decode_ms(engine, chosen, args.batch, args.context, args.steps, 100_000 * distinct)
+        base_ms = base_ms or ms
+        decode_rows.append(["base model" if not distinct else f"{distinct} adapters",
+                            f"{ms:.2f}", f"{1e3 * args.batch / ms:,.0f}",
+                            f"{100 * base_ms / ms:.0f}%"])
+    print_table(f"Decode, batch {args.batch}, context {args.context}, rank {args.rank} on all "
+                "seven projections", ["rows use", "ms/step", "tok/s", "of base"], decode_rows)
+
+    requests = sharegpt_workload(args.requests)
+    zipf = 1.0 / np.arange(1, args.adapters + 1) ** args.zipf
+    picks = np.random.default_rng(3).choice(args.adapters, args.requests, p=zipf / zipf.sum())
+    base_tps, base_s = throughput(engine, requests, [None] * len(requests), 1_000_000)
+    lora_tps, lora_s = throughput(engine, requests, [refs[i] for i in picks], 2_000_000)
+    print_table(f"{args.requests} ShareGPT-shaped requests in-process",
+                ["requests use", "seconds", "output tok/s", "of base"],
+                [["base model", f"{base_s:.1f}", f"{base_tps:,.0f}", "100%"],
+                 [f"{args.adapters} adapters (Zipf {args.zipf})", f"{lora_s:.1f}",
+                  f"{lora_tps:,.0f}", f"{100 * lora_tps / base_tps:.0f}%"]])
+    print_table("Adapter loads", ["measure", "value"],
+                [["load from disk into a slot, ms (5 adapters)",
+                  ", ".join(f"{ms:.0f}" for ms in loads["load_ms"])],
+                 ["decode step without a load, median ms", f"{loads['quiet_ms']:.2f}"],
+                 [f"slowest of {loads['steps_during']} decode steps during 8 loads, ms",
+                  f"{loads['worst_ms']:.2f} ({loads['worst_ms'] / loads['quiet_ms']:.2f}x)"]])
+    slots = engine.adapters.slots.num_slots
+    del engine
+    release_gpu_memory()
+    print_table(f"Kernels, batch {args.batch} ({slots} slots; % of "
+                f"{ceilings['bandwidth'] / 1e12:.2f} TB/s measured)",
+                ["projection", "distinct adapters", "shrink us", "of bandwidth", "expand us",
+                 "of bandwidth"], kernels(args.rank, slots, args.batch, ceilings["bandwidth"]))
+
+
+if __name__ == "__main__":
+    main()
