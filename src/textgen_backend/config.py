@@ -110,6 +110,9 @@ class EngineConfig:
     max_waiting_tokens: int = flag("Decode steps after which waiting requests join the batch "
                                    "whatever the waiting_served_ratio.", default=20)
     max_batch_size: int | None = flag("Most sequences in a batch (default: no limit).")
+    prefix_caching: bool = flag("Reuse the KV of prompt prefixes that earlier requests computed "
+                                "(blocks full of the same tokens, adapter and soft prompt); "
+                                "--no-prefix-caching recomputes every prompt.", default=True)
     block_size: int = flag("Tokens per KV-cache block.", default=16)
     stream_responses_per_second: int = flag(
         "Streamed responses per second shared by all streams: past it, a stream's tokens are "
@@ -280,8 +283,8 @@ def _flag_type(annotation: str):
 
 def add_flags(parser: argparse.ArgumentParser, cls) -> None:
     """Adds one `--field-name` option (and its aliases) per field of `cls`, defaulting to env
-    FIELD_NAME or an env alias. A `bool` field is a switch; a `bool | None` one takes
-    true/false (TGI's `--sharded <true|false>`)."""
+    FIELD_NAME or an env alias. A `bool` field is a switch (one on by default also gets
+    `--no-field-name`); a `bool | None` one takes true/false (TGI's `--sharded <true|false>`)."""
     for f in dataclasses.fields(cls):
         meta = f.metadata
         option = "--" + f.name.replace("_", "-")
@@ -297,7 +300,9 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
         names = [a for a in aliases if not a.startswith("--")] + [option] + [
             a for a in aliases if a.startswith("--")]
         if f.type == "bool":
-            action = parser.add_argument(*names, dest=f.name, action="store_true",
+            # on by default: --name and --no-name (TGI's --prefix-caching / LoRAX's --no-...)
+            switch = argparse.BooleanOptionalAction if f.default else "store_true"
+            action = parser.add_argument(*names, dest=f.name, action=switch,
                                          default=default, help=meta.get("help", ""))
         else:
             action = parser.add_argument(

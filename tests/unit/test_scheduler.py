@@ -19,8 +19,11 @@ def limits(**overrides):
 
 
 def make_scheduler(**overrides):
+    """The batching policy alone: the prompts here share prefixes, so the prefix cache is off
+    (tests/unit/test_prefix_cache.py covers it)."""
     lim = limits(**overrides)
-    return Scheduler(lim, BlockManager(lim.num_kv_blocks, lim.block_size), eos_token_ids=(1,))
+    return Scheduler(lim, BlockManager(lim.num_kv_blocks, lim.block_size, caching=False),
+                     eos_token_ids=(1,))
 
 
 def seq(seq_id, prompt_len, max_tokens=50):

@@ -133,3 +133,39 @@ def test_the_cache_loads_once_evicts_past_its_capacity_and_reports_failures(setu
             for ref, error in failures] == [("changed", True)]
     assert cache.counters.failures == 1
     cache.shutdown()
+
+
+def test_the_prefix_cache_keeps_soft_prompts_and_adapters_apart(setup):
+    """Sequences whose token ids match but whose soft prompt or adapter differ must not share
+    cached KV: each one, run after the other is cached, still equals its reference."""
+    model_dir, store, lora_dir = setup
+    config = EngineConfig(model_id=str(model_dir), prefix_store_path=str(store), block_size=4,
+                          max_lora_rank=8)
+    engine = Engine(config, model_dir)
+    adapter = AdapterCatalog(config, ModelConfig.from_dir(model_dir)).resolve(str(lora_dir),
+                                                                              "local", "")
+    four = PrefixStore(str(store), 64).resolve("four")
+    prompt = list(range(30, 45))
+    # the soft prompt's virtual tokens are placeholder ids 0: the same ids as this prompt
+    plan = [dict(prefix=four), dict(), dict(adapter=adapter), dict(), dict()]
+    prompts = [prompt, [0] * 4 + prompt, prompt, prompt, prompt]
+    seqs = []
+    for i, (kw, ids) in enumerate(zip(plan, prompts)):
+        seqs.append(Sequence(i, ids, SamplingParams(),
+                             StoppingParams(max_tokens=8, ignore_eos=True), **kw))
+        engine.add(seqs[-1])
+        while engine.has_work():
+            engine.step()
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with_lora = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), lora_dir).eval()
+    embeddings = prompt_embeddings(store / "four")
+    assert seqs[0].output_ids == greedy_after_soft_prompt(base, embeddings, prompt, 8)
+    assert seqs[1].output_ids == greedy_after_soft_prompt(base, None, [0] * 4 + prompt, 8)
+    assert seqs[2].output_ids == greedy_after_soft_prompt(with_lora, None, prompt, 8)
+    assert seqs[3].output_ids == greedy_after_soft_prompt(base, None, prompt, 8)
+    # the last one, a repeat of the fourth, reused its first 3 blocks (12 of its 15 tokens)
+    assert seqs[4].output_ids == seqs[3].output_ids
+    assert engine.stats().prefix_cache_hit_tokens == 12

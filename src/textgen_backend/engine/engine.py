@@ -70,7 +70,8 @@ class Engine:
             prefill = [t for t in config.prefill_graph_token_counts
                        if t <= self.limits.max_batch_prefill_tokens]
             self.runner.capture_cuda_graphs(tuple(sizes), tuple(prefill), max_blocks)
-        self.block_manager = BlockManager(self.limits.num_kv_blocks, config.block_size)
+        self.block_manager = BlockManager(self.limits.num_kv_blocks, config.block_size,
+                                          config.prefix_caching)
         self.prompts = PromptCache(config.prompt_cache_size_mb * 2**20, self.dtype, self.device)
         self.scheduler = Scheduler(self.limits, self.block_manager, eos, self.adapters,
                                    self.prompts)
@@ -215,6 +216,10 @@ class Engine:
                            kv_blocks_total=bm.num_blocks,
                            num_preemptions=self.scheduler.num_preemptions,
                            num_prefill_limit_hits=self.scheduler.num_prefill_limit_hits,
+                           prefix_cache_query_tokens=bm.query_tokens,
+                           prefix_cache_hit_tokens=bm.hit_tokens,
+                           prefix_cache_blocks=bm.num_cached_blocks,
+                           prefix_cache_evictions=bm.evictions,
                            **self._adapter_stats(), **self._prompt_stats())
 
     def _prompt_stats(self) -> dict:
@@ -271,7 +276,8 @@ class Engine:
             # Set before the forward, so that a step that raises is reported with its method.
             self.last_step = step = StepStats(
                 scheduled.is_prefill, len(scheduled.seqs),
-                sum(s.num_tokens for s in scheduled.seqs) if scheduled.is_prefill
+                sum(s.num_tokens - s.num_cached_tokens for s in scheduled.seqs)
+                if scheduled.is_prefill
                 else len(scheduled.seqs), scheduled.is_prefill and was_running)
             forward_started = time.perf_counter()
             result = self.runner.execute(scheduled)

@@ -168,11 +168,16 @@ class ModelRunner:
         """(rows, embeddings) of the virtual tokens of a prefill's soft prompts, or None."""
         if not out.is_prefill or all(s.prefix is None for s in out.seqs):
             return None
-        with_prompt = [(start, s.prefix_embeddings)
-                       for start, s in zip(inputs.cu_seqlens, out.seqs) if s.prefix is not None]
-        rows = np.concatenate([np.arange(start, start + len(e)) for start, e in with_prompt])
+        # virtual tokens past the cached prefix: (first row in the step, first virtual token)
+        with_prompt = [(row, s.num_cached_tokens, s.prefix_embeddings)
+                       for row, s in zip(inputs.cu_seqlens, out.seqs)
+                       if s.prefix is not None and s.num_cached_tokens < s.num_virtual_tokens]
+        if not with_prompt:
+            return None
+        rows = np.concatenate([np.arange(row, row + len(e) - cached)
+                               for row, cached, e in with_prompt])
         return (torch.from_numpy(rows).to(self.device),
-                torch.cat([e for _, e in with_prompt]))
+                torch.cat([e[cached:] for _, cached, e in with_prompt]))
 
     def _prompt_logprobs(self, seqs, hidden, ids, inputs: StepInputs):
         """{seq_id: details of each prompt token} for sequences that asked (first prefill only):
@@ -203,15 +208,21 @@ class ModelRunner:
         return result
 
     def _prefill_arrays(self, seqs: list[Sequence]) -> StepArrays:
+        """Each sequence's tokens past its cached prefix (their KV is computed and stored; they
+        attend to the cached blocks too)."""
         lengths = [s.num_tokens for s in seqs]
+        starts = [s.num_cached_tokens for s in seqs]
+        new = [n - start for n, start in zip(lengths, starts)]
         return StepArrays(
             # a soft prompt's virtual tokens: placeholder ids, their embeddings come separately
-            ids=[t for s in seqs for t in [0] * s.num_virtual_tokens + s.all_ids],
-            positions=np.concatenate([np.arange(n) for n in lengths]),
-            slots=np.concatenate([self._slots(s.block_ids, n) for s, n in zip(seqs, lengths)]),
-            context_lens=lengths, cu_seqlens=np.concatenate([[0], np.cumsum(lengths)]),
+            ids=[t for s, start in zip(seqs, starts)
+                 for t in ([0] * s.num_virtual_tokens + s.all_ids)[start:]],
+            positions=np.concatenate([np.arange(start, n) for start, n in zip(starts, lengths)]),
+            slots=np.concatenate([self._slots(s.block_ids, n)[start:]
+                                  for s, n, start in zip(seqs, lengths, starts)]),
+            context_lens=lengths, cu_seqlens=np.concatenate([[0], np.cumsum(new)]),
             block_ids=[s.block_ids for s in seqs],
-            lora_slots=_adapter_slots(seqs, lengths))
+            lora_slots=_adapter_slots(seqs, new))
 
     def _decode_arrays(self, seqs: list[Sequence]) -> StepArrays:
         bs = self.block_size

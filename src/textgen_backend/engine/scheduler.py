@@ -107,6 +107,7 @@ class Scheduler:
                 reason = "eos_token"
             elif len(seq.output_ids) >= seq.stopping.max_tokens:
                 reason = "length"
+            self.block_manager.commit(seq)
             if reason:
                 self.running.remove(seq)
                 self._finish(seq, reason)
@@ -137,6 +138,7 @@ class Scheduler:
         free_blocks = self.block_manager.num_free_blocks
         room = (self.limits.max_batch_size or math.inf) - len(self.running)
         chosen: list[Sequence] = []
+        bm = self.block_manager
         for seq in self.waiting:
             if len(chosen) >= room:
                 break
@@ -145,15 +147,17 @@ class Scheduler:
             if seq.prefix is not None and seq.prefix_embeddings is None and \
                     not self.prompts.ready(seq.prefix):
                 continue  # its soft prompt is loading
-            if chosen and seq.num_tokens > token_budget:
+            hits = bm.cached_prefix(seq)
+            new_tokens = seq.num_tokens - len(hits) * bm.block_size
+            if chosen and new_tokens > token_budget:
                 self.num_prefill_limit_hits += 1
                 break
             # Room for the prompt and the first decoded token, so it is not preempted at once.
-            if self.block_manager.blocks_for(seq.num_tokens + 1) > free_blocks:
+            if bm.blocks_needed(seq, hits, extra_tokens=1) > free_blocks:
                 break
             chosen.append(seq)
-            token_budget -= seq.num_tokens
-            free_blocks -= self.block_manager.blocks_for(seq.num_tokens)
+            token_budget -= new_tokens
+            free_blocks -= bm.blocks_needed(seq, hits)
         if len(chosen) < min_new:
             return []
         now = time.monotonic()

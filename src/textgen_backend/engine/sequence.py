@@ -36,6 +36,9 @@ class Sequence:
     adapter_slot: int = -1             # its device slot while running
     prefix: PrefixRef | None = None    # soft prompt: virtual tokens before prompt_ids
     prefix_embeddings: torch.Tensor | None = None  # [num_virtual, hidden], once admitted
+    num_cached_tokens: int = 0         # KV positions found in the prefix cache at admission
+    num_registered_blocks: int = 0     # leading blocks registered in the prefix cache
+    block_hashes: list[bytes] = field(default_factory=list)  # hash chain of its full blocks
 
     @property
     def num_virtual_tokens(self) -> int:

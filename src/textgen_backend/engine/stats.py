@@ -15,6 +15,10 @@ class EngineStats:
     kv_blocks_total: int
     num_preemptions: int              # since start
     num_prefill_limit_hits: int       # since start
+    prefix_cache_query_tokens: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_cache_hit_tokens: int = 0    # of which found there (not computed), since start
+    prefix_cache_blocks: int = 0        # blocks registered in the prefix cache
+    prefix_cache_evictions: int = 0     # cached blocks reused for other tokens, since start
     active_adapters: int = 0          # adapters holding a device slot
     adapter_loads: int = 0            # since start
     adapter_evictions: int = 0        # since start

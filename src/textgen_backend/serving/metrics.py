@@ -143,6 +143,17 @@ ENGINE_METRICS = (
     _counter("tgi_prefill_weight_limit_exceeded",
              "Prefills that left a waiting sequence out because max_batch_prefill_tokens was "
              "reached", stat="num_prefill_limit_hits"),
+    _counter("textgen_prefix_cache_queries_total",
+             "Prompt tokens looked up in the prefix cache (prefills of new and preempted "
+             "sequences)", stat="prefix_cache_query_tokens"),
+    _counter("textgen_prefix_cache_hits_total",
+             "Prompt tokens found in the prefix cache (their KV reused, not computed)",
+             stat="prefix_cache_hit_tokens"),
+    _gauge("textgen_prefix_cache_blocks", "KV blocks registered in the prefix cache",
+           "prefix_cache_blocks"),
+    _counter("textgen_prefix_cache_evictions_total",
+             "Cached KV blocks reused for other tokens (their prefix forgotten)",
+             stat="prefix_cache_evictions"),
     _gauge("textgen_adapters_active", "LoRA adapters holding a device slot", "active_adapters"),
     _counter("textgen_adapter_loads_total", "LoRA adapters loaded into a slot",
              stat="adapter_loads"),
