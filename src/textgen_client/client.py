@@ -27,6 +27,7 @@ class GenerationResult:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str = ""
     num_input_tokens: int = 0
+    num_cached_tokens: int = 0
     num_output_tokens: int = 0
     stop_reason: str = ""
     stop_sequence: str = ""
@@ -112,6 +113,7 @@ def merge(result: GenerationResult, chunk: GenerationChunk) -> None:
     result.stop_reason = chunk.stop_reason or result.stop_reason
     result.stop_sequence = chunk.stop_sequence or result.stop_sequence
     result.num_input_tokens = chunk.num_input_tokens
+    result.num_cached_tokens = max(result.num_cached_tokens, chunk.num_cached_tokens)
     result.num_output_tokens = chunk.num_output_tokens
     result.seed_used = chunk.seed_used
     result.cum_log_prob = chunk.cum_log_prob
@@ -159,6 +161,7 @@ def _chunk(result) -> GenerationChunk:
         output_ids=vector("output_ids"),
         finish_reason=scalar("finish_reason").decode(),
         num_input_tokens=int(scalar("num_input_tokens")),
+        num_cached_tokens=int(scalar("num_cached_tokens")),
         num_output_tokens=int(scalar("num_output_tokens")),
         batch_index=int(scalar("batch_index")),
         sequence_index=int(scalar("sequence_index")),

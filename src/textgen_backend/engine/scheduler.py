@@ -50,6 +50,7 @@ class StepOutput:
     logprobs: list[TokenLogprob] | None = None         # one per new token, when tracked
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first prefill, when asked
     scheduled_at: float | None = None  # with a sequence's first token: its first admission
+    num_cached_tokens: int = 0         # with a sequence's first token: its prefix-cache hit
 
 
 class Scheduler:
@@ -118,6 +119,7 @@ class Scheduler:
                 output.prompt_logprobs = prompt_logprobs[seq.seq_id]
             if len(seq.output_ids) == 1:
                 output.scheduled_at = seq.scheduled_at
+                output.num_cached_tokens = seq.num_cached_tokens
             outputs.append(output)
         return outputs
 

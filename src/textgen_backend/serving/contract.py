@@ -107,6 +107,9 @@ FINISH_REASON = _spec("finish_reason", "TYPE_STRING", optional=False,
                       doc='"length", "eos_token", "stop" or "cancelled" on a prompt\'s last '
                           'response, "" before.')
 NUM_INPUT_TOKENS = _spec("num_input_tokens", "TYPE_INT32", optional=False)
+NUM_CACHED_TOKENS = _spec("num_cached_tokens", "TYPE_INT32", optional=False,
+                          doc="Prompt tokens whose KV came from the prefix cache (at the "
+                              "sequence's first admission).")
 NUM_OUTPUT_TOKENS = _spec("num_output_tokens", "TYPE_INT32", optional=False,
                           doc="Tokens generated so far for this prompt.")
 BATCH_INDEX = _spec("batch_index", "TYPE_INT32", optional=False,
@@ -130,7 +133,8 @@ TOKEN_DETAILS = _spec("token_details", "TYPE_STRING", dims=(-1,), optional=False
 INPUT_TOKEN_DETAILS = _spec("input_token_details", "TYPE_STRING", dims=(-1,), optional=False,
                             doc="With decoder_input_details, on the first response: one JSON "
                                 "object per prompt token.")
-ENSEMBLE_OUTPUTS = (TEXT_OUTPUT, OUTPUT_IDS, FINISH_REASON, NUM_INPUT_TOKENS, NUM_OUTPUT_TOKENS,
+ENSEMBLE_OUTPUTS = (TEXT_OUTPUT, OUTPUT_IDS, FINISH_REASON, NUM_INPUT_TOKENS, NUM_CACHED_TOKENS,
+                    NUM_OUTPUT_TOKENS,
                     BATCH_INDEX, SEQUENCE_INDEX, STOP_REASON, STOP_SEQUENCE, SEED_USED, CUM_LOG_PROBS,
                     OUTPUT_LOG_PROBS, TOKEN_DETAILS, INPUT_TOKEN_DETAILS)
 ENSEMBLE_INPUTS = (TEXT_INPUT, APPLY_CHAT_TEMPLATE, TRUNCATE_INPUT_TOKENS) + GENERATION_PARAMETERS
@@ -180,6 +184,7 @@ class GenerationResponse:
     batch_index: int
     sequence_id: int
     seed: int = 0
+    num_cached_tokens: int = 0
     sequence_index: int = 0
     stop_reason: str = ""
     stop_sequence: str = ""
@@ -198,6 +203,7 @@ class GenerationResponse:
             "_output_ids": np.array([self.output_ids], dtype=np.int32).reshape(1, -1),
             "_finish_reason": strings([self.finish_reason]),
             "_num_input_tokens": np.array([[self.num_input_tokens]], dtype=np.int32),
+            "_num_cached_tokens": np.array([[self.num_cached_tokens]], dtype=np.int32),
             "_num_output_tokens": np.array([[self.num_output_tokens]], dtype=np.int32),
             "_batch_index": np.array([[self.batch_index]], dtype=np.int32),
             "_sequence_index": np.array([[self.sequence_index]], dtype=np.int32),

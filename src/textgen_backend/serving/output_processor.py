@@ -66,6 +66,7 @@ class SequenceText:
     details: list[str] = field(default_factory=list)  # JSON per token of `ids`
     input_details: list[str] = field(default_factory=list)  # sent with the first response
     cum_logprob: float = 0.0
+    num_cached_tokens: int = 0
     finish_reason: str = ""
     stop_sequence: str = ""
     last_sent: float | None = None                    # time.monotonic() of the last response
@@ -216,6 +217,8 @@ class OutputProcessor:
 
     def _advance(self, seq: SequenceText, out: StepOutput) -> bool:
         """Adds out's tokens to seq; True when a stop sequence matched."""
+        if out.scheduled_at is not None:  # its first token
+            seq.num_cached_tokens = out.num_cached_tokens
         if out.prompt_logprobs is not None:
             seq.input_details = [self._detail_json(token, lp)
                                  for token, lp in zip(seq.prompt.input_ids, out.prompt_logprobs)]
@@ -274,6 +277,7 @@ class OutputProcessor:
             finish_reason=seq.finish_reason, num_input_tokens=len(seq.prompt.input_ids),
             num_output_tokens=seq.num_output_tokens, batch_index=seq.prompt.batch_index,
             sequence_id=seq.seq_id, seed=seq.candidate.seed,
+            num_cached_tokens=seq.num_cached_tokens,
             stop_reason=STOP_REASONS.get(seq.finish_reason, ""), stop_sequence=seq.stop_sequence,
             cum_log_prob=seq.cum_logprob if params.details.log_probs else None,
             output_log_probs=seq.logprobs, token_details=seq.details,
