@@ -110,6 +110,11 @@ class EngineConfig:
     max_waiting_tokens: int = flag("Decode steps after which waiting requests join the batch "
                                    "whatever the waiting_served_ratio.", default=20)
     max_batch_size: int | None = flag("Most sequences in a batch (default: no limit).")
+    chunked_prefill: bool = flag("Prefill prompts longer than --max-batch-prefill-tokens in "
+                                 "chunks over several steps, each step also decoding every "
+                                 "running sequence (streams never stall behind a long prompt); "
+                                 "--no-chunked-prefill runs TGI's separate prefill steps.",
+                                 default=True)
     prefix_caching: bool = flag("Reuse the KV of prompt prefixes that earlier requests computed "
                                 "(blocks full of the same tokens, adapter and soft prompt); "
                                 "--no-prefix-caching recomputes every prompt.", default=True)
@@ -249,6 +254,7 @@ class EngineLimits:
     max_batch_size: int | None
     max_waiting_tokens: int
     waiting_served_ratio: float
+    chunked_prefill: bool = False
 
     @property
     def max_batch_total_tokens(self) -> int:
@@ -265,9 +271,9 @@ def resolve_token_limits(config: EngineConfig, max_position_embeddings: int) -> 
         raise ValueError(f"max_total_tokens ({max_total}) exceeds the model's "
                          f"max_position_embeddings ({max_position_embeddings})")
     prefill = config.max_batch_prefill_tokens or max_input + 50
-    if prefill < max_input:
+    if prefill < max_input and not config.chunked_prefill:
         raise ValueError(f"max_batch_prefill_tokens ({prefill}) must be >= max_input_tokens "
-                         f"({max_input})")
+                         f"({max_input}) without chunked prefill")
     if config.max_batch_total_tokens is not None and config.max_batch_total_tokens < max_total:
         raise ValueError(f"max_batch_total_tokens ({config.max_batch_total_tokens}) must be >= "
                          f"max_total_tokens ({max_total})")

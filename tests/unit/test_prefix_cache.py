@@ -24,6 +24,7 @@ def seq(seq_id, tokens, **kw):
 def prefilled(bm, s, sampled=99):
     """s admitted and prefilled: its sampled token appended, its full blocks committed."""
     bm.allocate(s)
+    s.num_computed_tokens = s.num_tokens
     s.output_ids.append(sampled)
     bm.commit(s)
     return s

@@ -92,7 +92,7 @@ class BlockManager:
             self._refs[block] += 1
         seq.block_ids = hits + [self._take_free()
                                 for _ in range(self.blocks_for(seq.num_tokens) - len(hits))]
-        seq.num_cached_tokens = len(hits) * self.block_size
+        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
         seq.num_registered_blocks = len(hits)
         if self.caching:
             self.query_tokens += seq.num_tokens
@@ -107,11 +107,11 @@ class BlockManager:
             seq.block_ids.append(self._take_free())
 
     def commit(self, seq: Sequence) -> None:
-        """Registers seq's blocks that are now full of computed KV (all its tokens but the
-        newest sampled one), so that later sequences can share them."""
+        """Registers seq's blocks that are now full of computed KV, so that later sequences can
+        share them."""
         if not self.caching:
             return
-        full = (seq.num_tokens - 1) // self.block_size
+        full = seq.num_computed_tokens // self.block_size
         hashes = self._hashes(seq, full)
         for index in range(seq.num_registered_blocks, full):
             block, h = seq.block_ids[index], hashes[index]
@@ -130,7 +130,7 @@ class BlockManager:
                 if self._hash_of[block] is None:
                     self._free.move_to_end(block, last=False)
         seq.block_ids = []
-        seq.num_cached_tokens = 0
+        seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
 
     def _take_free(self) -> int:

@@ -151,7 +151,8 @@ class Engine:
                             max_batch_prefill_tokens=prefill, num_kv_blocks=num_blocks,
                             block_size=c.block_size, max_batch_size=c.max_batch_size,
                             max_waiting_tokens=c.max_waiting_tokens,
-                            waiting_served_ratio=c.waiting_served_ratio)
+                            waiting_served_ratio=c.waiting_served_ratio,
+                            chunked_prefill=c.chunked_prefill)
 
     def _blocks_that_fit(self, prefill_tokens: int) -> int:
         """KV blocks that fit in GPU memory after a warm-up prefill of the largest size."""
@@ -276,8 +277,7 @@ class Engine:
             # Set before the forward, so that a step that raises is reported with its method.
             self.last_step = step = StepStats(
                 scheduled.is_prefill, len(scheduled.seqs),
-                sum(s.num_tokens - s.num_cached_tokens for s in scheduled.seqs)
-                if scheduled.is_prefill
+                sum(scheduled.num_new_tokens) if scheduled.is_prefill
                 else len(scheduled.seqs), scheduled.is_prefill and was_running)
             forward_started = time.perf_counter()
             result = self.runner.execute(scheduled)

@@ -119,11 +119,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
-        sampling = build_sampling_batch(out.seqs, self.eos_token_ids,
-                                        self.model_config.vocab_size, self.device,
-                                        self.watermark_gamma, self.watermark_delta)
+        """Runs the step; samples for the sequences it completes (out.completes())."""
+        completes = out.completes()
+        sampled_seqs = [s for s, done in zip(out.seqs, completes) if done]
         prompt_logprobs = None
-        arrays = (self._prefill_arrays(out.seqs) if out.is_prefill
+        arrays = (self._prefill_arrays(out.seqs, out.num_new_tokens) if out.is_prefill
                   else self._decode_arrays(out.seqs))
         graphs = self._graphs_for(out, arrays)
         if graphs is not None:
@@ -147,6 +147,13 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[cu_seqlens[1:] - 1])
             if out.is_prefill:
                 prompt_logprobs = self._prompt_logprobs(out.seqs, hidden, ids, inputs)
+        if not sampled_seqs:  # prefill chunks only
+            return StepResult(SampleOutput([]), prompt_logprobs)
+        if len(sampled_seqs) < len(out.seqs):
+            logits = logits[torch.tensor(completes, device=logits.device)]
+        sampling = build_sampling_batch(sampled_seqs, self.eos_token_ids,
+                                        self.model_config.vocab_size, self.device,
+                                        self.watermark_gamma, self.watermark_delta)
         return StepResult(sample(logits, sampling), prompt_logprobs)
 
     def _graphs_for(self, out: SchedulerOutput, arrays: StepArrays):
@@ -168,16 +175,17 @@ class ModelRunner:
         """(rows, embeddings) of the virtual tokens of a prefill's soft prompts, or None."""
         if not out.is_prefill or all(s.prefix is None for s in out.seqs):
             return None
-        # virtual tokens past the cached prefix: (first row in the step, first virtual token)
-        with_prompt = [(row, s.num_cached_tokens, s.prefix_embeddings)
-                       for row, s in zip(inputs.cu_seqlens, out.seqs)
-                       if s.prefix is not None and s.num_cached_tokens < s.num_virtual_tokens]
-        if not with_prompt:
+        # virtual tokens computed in this step: [start, end) of the soft prompt at `row`
+        spans = [(row, s.num_computed_tokens, min(s.num_computed_tokens + n, s.num_virtual_tokens),
+                  s.prefix_embeddings)
+                 for row, s, n in zip(inputs.cu_seqlens, out.seqs, out.num_new_tokens)
+                 if s.prefix is not None and s.num_computed_tokens < s.num_virtual_tokens]
+        if not spans:
             return None
-        rows = np.concatenate([np.arange(row, row + len(e) - cached)
-                               for row, cached, e in with_prompt])
+        rows = np.concatenate([np.arange(row, row + end - start)
+                               for row, start, end, _ in spans])
         return (torch.from_numpy(rows).to(self.device),
-                torch.cat([e[cached:] for _, cached, e in with_prompt]))
+                torch.cat([e[start:end] for _, start, end, e in spans]))
 
     def _prompt_logprobs(self, seqs, hidden, ids, inputs: StepInputs):
         """{seq_id: details of each prompt token} for sequences that asked (first prefill only):
@@ -207,22 +215,21 @@ class ModelRunner:
             s.input_details_done = True
         return result
 
-    def _prefill_arrays(self, seqs: list[Sequence]) -> StepArrays:
-        """Each sequence's tokens past its cached prefix (their KV is computed and stored; they
-        attend to the cached blocks too)."""
-        lengths = [s.num_tokens for s in seqs]
-        starts = [s.num_cached_tokens for s in seqs]
-        new = [n - start for n, start in zip(lengths, starts)]
+    def _prefill_arrays(self, seqs: list[Sequence], counts: list[int]) -> StepArrays:
+        """Each sequence's next counts[i] tokens past those already computed (cached or earlier
+        chunks, whose KV they attend to): a prompt, a chunk of one, or a decoding row's one."""
+        starts = [s.num_computed_tokens for s in seqs]
+        ends = [start + n for start, n in zip(starts, counts)]
         return StepArrays(
             # a soft prompt's virtual tokens: placeholder ids, their embeddings come separately
-            ids=[t for s, start in zip(seqs, starts)
-                 for t in ([0] * s.num_virtual_tokens + s.all_ids)[start:]],
-            positions=np.concatenate([np.arange(start, n) for start, n in zip(starts, lengths)]),
-            slots=np.concatenate([self._slots(s.block_ids, n)[start:]
-                                  for s, n, start in zip(seqs, lengths, starts)]),
-            context_lens=lengths, cu_seqlens=np.concatenate([[0], np.cumsum(new)]),
+            ids=[t for s, start, end in zip(seqs, starts, ends)
+                 for t in ([0] * s.num_virtual_tokens + s.all_ids)[start:end]],
+            positions=np.concatenate([np.arange(start, end) for start, end in zip(starts, ends)]),
+            slots=np.concatenate([self._slots(s.block_ids, end)[start:]
+                                  for s, start, end in zip(seqs, starts, ends)]),
+            context_lens=ends, cu_seqlens=np.concatenate([[0], np.cumsum(counts)]),
             block_ids=[s.block_ids for s in seqs],
-            lora_slots=_adapter_slots(seqs, new))
+            lora_slots=_adapter_slots(seqs, counts))
 
     def _decode_arrays(self, seqs: list[Sequence]) -> StepArrays:
         bs = self.block_size

@@ -28,8 +28,22 @@ from textgen_backend.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class SchedulerOutput:
+    """A step: each sequence's next num_new_tokens[i] tokens are computed (default: all it has
+    not computed). A sequence whose tokens are then all computed samples one; a prefill chunk
+    that leaves some for later does not. is_prefill: some sequence is not simply decoding (the
+    step cannot run as a decode CUDA graph)."""
     seqs: list[Sequence]
     is_prefill: bool
+    num_new_tokens: list[int] | None = None
+
+    def __post_init__(self):
+        if self.num_new_tokens is None:
+            self.num_new_tokens = [s.num_tokens - s.num_computed_tokens for s in self.seqs]
+
+    def completes(self) -> list[bool]:
+        """Which sequences sample a token in this step."""
+        return [s.num_computed_tokens + n == s.num_tokens
+                for s, n in zip(self.seqs, self.num_new_tokens)]
 
 
 @dataclass
@@ -85,6 +99,8 @@ class Scheduler:
         return None
 
     def schedule(self) -> SchedulerOutput | None:
+        if self.limits.chunked_prefill:
+            return self._schedule_chunked()
         if self.waiting and self._batch_has_room():
             admitted = self._admit(self._min_new_sequences())
             if admitted:
@@ -99,9 +115,17 @@ class Scheduler:
     def update(self, out: SchedulerOutput, sampled: SampleOutput,
                prompt_logprobs: dict[int, list[TokenLogprob | None]] | None = None
                ) -> list[StepOutput]:
-        """Appends each sequence's sampled token and finishes those that are done."""
+        """Appends each completed sequence's sampled token (sampled has one row per sequence
+        that completes) and finishes those that are done."""
         outputs = []
-        for row, (seq, token) in enumerate(zip(out.seqs, sampled.token_ids)):
+        completes = out.completes()
+        sampled_seqs = [s for s, done in zip(out.seqs, completes) if done]
+        for seq, count in zip(out.seqs, out.num_new_tokens):
+            seq.num_computed_tokens += count
+        for seq, done in zip(out.seqs, completes):
+            if not done:  # a prefill chunk: its prompt goes on in a later step
+                self.block_manager.commit(seq)
+        for row, (seq, token) in enumerate(zip(sampled_seqs, sampled.token_ids)):
             seq.output_ids.append(token)
             reason = None
             if token in self.eos_token_ids and not seq.stopping.ignore_eos:
@@ -134,9 +158,47 @@ class Scheduler:
             return 1
         return max(1, math.floor(len(self.running) * self.limits.waiting_served_ratio))
 
-    def _admit(self, min_new: int) -> list[Sequence]:
-        """Takes waiting sequences in order while they fit; all or nothing w.r.t. min_new."""
-        token_budget = self.limits.max_batch_prefill_tokens
+    def _schedule_chunked(self) -> SchedulerOutput | None:
+        """Every decoding sequence's next token, then prefill chunks up to
+        max_batch_prefill_tokens: sequences part-way through their prompt first, then newly
+        admitted ones (TGI's policy says when). Running streams get a token every step."""
+        if self.running:
+            self._reserve_decode_slots()
+        seqs = [s for s in self.running if s.is_decoding]
+        counts = [1] * len(seqs)
+        budget = self.limits.max_batch_prefill_tokens
+        for seq in [s for s in self.running if not s.is_decoding]:
+            if budget <= 0:
+                break
+            seqs.append(seq)
+            counts.append(self._chunk(seq, budget))
+            budget -= counts[-1]
+        admitted = []
+        if self.waiting and budget > 0 and self._batch_has_room():
+            admitted = self._admit(self._min_new_sequences(), budget)
+        for seq in admitted:
+            seqs.append(seq)
+            counts.append(self._chunk(seq, budget))
+            budget -= counts[-1]
+        if not seqs:
+            return None
+        self.steps_since_prefill = 0 if admitted else self.steps_since_prefill + 1
+        return SchedulerOutput(seqs, not all(s.is_decoding for s in seqs), counts)
+
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int) -> int:
+        """Tokens of seq's prompt to compute now: what the budget allows, or all of them for a
+        prompt that wants its tokens' details (they come from one pass)."""
+        needed = seq.num_tokens - seq.num_computed_tokens
+        if seq.details.input_details and not seq.input_details_done:
+            return needed
+        return min(needed, budget)
+
+    def _admit(self, min_new: int, chunk_budget: int | None = None) -> list[Sequence]:
+        """Takes waiting sequences in order while they fit; all or nothing w.r.t. min_new.
+        chunk_budget: chunked prefill's tokens left in this step (a prompt may take part of
+        it); without it a prompt is prefilled whole within max_batch_prefill_tokens."""
+        token_budget = chunk_budget or self.limits.max_batch_prefill_tokens
         free_blocks = self.block_manager.num_free_blocks
         room = (self.limits.max_batch_size or math.inf) - len(self.running)
         chosen: list[Sequence] = []
@@ -151,7 +213,11 @@ class Scheduler:
                 continue  # its soft prompt is loading
             hits = bm.cached_prefix(seq)
             new_tokens = seq.num_tokens - len(hits) * bm.block_size
-            if chosen and new_tokens > token_budget:
+            if chunk_budget is not None:
+                if token_budget <= 0:
+                    break
+                new_tokens = min(new_tokens, token_budget)
+            elif chosen and new_tokens > token_budget:
                 self.num_prefill_limit_hits += 1
                 break
             # Room for the prompt and the first decoded token, so it is not preempted at once.

@@ -37,6 +37,7 @@ class Sequence:
     prefix: PrefixRef | None = None    # soft prompt: virtual tokens before prompt_ids
     prefix_embeddings: torch.Tensor | None = None  # [num_virtual, hidden], once admitted
     num_cached_tokens: int = 0         # KV positions found in the prefix cache at admission
+    num_computed_tokens: int = 0       # KV positions written (cached ones included)
     num_registered_blocks: int = 0     # leading blocks registered in the prefix cache
     block_hashes: list[bytes] = field(default_factory=list)  # hash chain of its full blocks
 
@@ -52,6 +53,11 @@ class Sequence:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def is_decoding(self) -> bool:
+        """All its tokens but the newest sampled one are in the KV cache."""
+        return bool(self.output_ids) and self.num_computed_tokens == self.num_tokens - 1
 
     @property
     def last_token(self) -> int:
