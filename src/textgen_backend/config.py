@@ -155,6 +155,9 @@ class EngineConfig:
                                           "on the CPU).", default=0.1)
     max_lora_rank: int = flag("Highest LoRA rank an adapter may have (sizes every slot); "
                               "\"0\" serves the base model only.", default=64)
+    disable_grammar_support: bool = flag("Refuse grammar-constrained requests (grammar, "
+                                         "guided_decoding_*, vLLM's guided_* and "
+                                         "structured_outputs).", default=False)
     prefix_store_path: str | None = flag("Directory of tuned soft prompts (PEFT prompt tuning "
                                          "or TGIS's decoder.pt), chosen per request by "
                                          "prefix_id.")
@@ -255,6 +258,7 @@ class EngineLimits:
     max_waiting_tokens: int
     waiting_served_ratio: float
     chunked_prefill: bool = False
+    grammar_support: bool = False     # the engine could build grammar matchers
 
     @property
     def max_batch_total_tokens(self) -> int:

@@ -5,18 +5,21 @@ background thread and turns its token outputs into text responses.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from textgen_backend.adapters.catalog import AdapterCatalog
 from textgen_backend.adapters.residency import AdapterResidency
 from textgen_backend.adapters.slots import AdapterSlots, bytes_per_slot
 from textgen_backend.engine.block_manager import BlockManager
 from textgen_backend.prompt_tuning.cache import PromptCache
+from textgen_backend.sampling.grammar import GrammarMatchers
 from textgen_backend.config import EngineConfig, EngineLimits, resolve_token_limits
 from textgen_backend.layers.ops import select_ops
 from textgen_backend.engine.stats import EngineStats, StepStats
@@ -73,8 +76,11 @@ class Engine:
         self.block_manager = BlockManager(self.limits.num_kv_blocks, config.block_size,
                                           config.prefix_caching)
         self.prompts = PromptCache(config.prompt_cache_size_mb * 2**20, self.dtype, self.device)
+        self.grammars = None if config.disable_grammar_support else self._grammars(model_dir)
+        self.limits = dataclasses.replace(self.limits, grammar_support=self.grammars is not None)
+        self.runner.grammars = self.grammars
         self.scheduler = Scheduler(self.limits, self.block_manager, eos, self.adapters,
-                                   self.prompts)
+                                   self.prompts, self.grammars)
         self._aborted: list[StepOutput] = []
         self.last_step: StepStats | None = None   # the latest step(), if it ran the model
         # What a newcomer waits for, part by part (the launcher logs tritonserver's total).
@@ -131,6 +137,18 @@ class Engine:
                     f"; preloaded {', '.join(c.preloaded_adapters)}"
                     if c.preloaded_adapters else "")
         return residency
+
+    def _grammars(self, model_dir: Path) -> GrammarMatchers | None:
+        """Grammar matchers over the model's tokenizer, or None (with a warning) when llguidance
+        cannot use that tokenizer: constrained requests are then refused, others served."""
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                model_dir, trust_remote_code=self.config.trust_remote_code)
+            return GrammarMatchers(tokenizer, max(self.model_config.vocab_size, len(tokenizer)))
+        except Exception as exc:  # noqa: BLE001 - any failure only disables grammars
+            logger.warning("[textgen] grammar support is off: llguidance cannot use this "
+                           "model's tokenizer (%s)", exc)
+            return None
 
     def _resolve_limits(self) -> EngineLimits:
         c = self.config

@@ -15,6 +15,7 @@ from textgen_backend.engine.cuda_graphs import (DecodeGraphs, PrefillGraphs, Ste
 from textgen_backend.layers.attention import AttentionMetadata
 from textgen_backend.layers.lora import LoraBatch
 from textgen_backend.models.config import ModelConfig
+from textgen_backend.sampling.grammar import GrammarMatchers
 from textgen_backend.sampling.sampler import SampleOutput, build_sampling_batch, sample
 from textgen_backend.engine.scheduler import SchedulerOutput, TokenLogprob
 from textgen_backend.engine.sequence import Sequence
@@ -72,6 +73,7 @@ class ModelRunner:
         self.prefill_graphs: PrefillGraphs | None = None
         self.lora_batch: LoraBatch | None = None        # set when adapters are served
         self.adapter_decode_graphs: DecodeGraphs | None = None
+        self.grammars: GrammarMatchers | None = None    # set when grammars are served
         self._staging = torch.empty(0, dtype=torch.int32)
 
     def _pinned(self, size: int) -> torch.Tensor:
@@ -151,6 +153,11 @@ class ModelRunner:
             return StepResult(SampleOutput([]), prompt_logprobs)
         if len(sampled_seqs) < len(out.seqs):
             logits = logits[torch.tensor(completes, device=logits.device)]
+        if self.grammars is not None:
+            # filled on the host while the GPU still runs the forward pass (no sync before)
+            masks = self.grammars.masks([s.matcher for s in sampled_seqs])
+            if masks is not None:
+                self.grammars.apply(logits, masks)
         sampling = build_sampling_batch(sampled_seqs, self.eos_token_ids,
                                         self.model_config.vocab_size, self.device,
                                         self.watermark_gamma, self.watermark_delta)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from textgen_backend.adapters.residency import AdapterResidency
 from textgen_backend.engine.block_manager import BlockManager
 from textgen_backend.prompt_tuning.cache import PromptCache
+from textgen_backend.sampling.grammar import GrammarMatchers
 from textgen_backend.config import EngineLimits
 from textgen_backend.sampling.sampler import SampleOutput
 from textgen_backend.engine.sequence import Sequence, SequenceStatus
@@ -70,10 +71,11 @@ class StepOutput:
 class Scheduler:
     def __init__(self, limits: EngineLimits, block_manager: BlockManager,
                  eos_token_ids: tuple[int, ...], adapters: AdapterResidency | None = None,
-                 prompts: PromptCache | None = None):
+                 prompts: PromptCache | None = None, grammars: GrammarMatchers | None = None):
         self.limits = limits
         self.adapters = adapters
         self.prompts = prompts
+        self.grammars = grammars
         self.block_manager = block_manager
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
@@ -128,8 +130,10 @@ class Scheduler:
         for row, (seq, token) in enumerate(zip(sampled_seqs, sampled.token_ids)):
             seq.output_ids.append(token)
             reason = None
-            if token in self.eos_token_ids and not seq.stopping.ignore_eos:
-                reason = "eos_token"
+            if seq.matcher is not None:
+                seq.matcher.consume_token(token)
+            if token in self.eos_token_ids and (not seq.stopping.ignore_eos or seq.matcher):
+                reason = "eos_token"  # a completed grammar ends the output, even past ignore_eos
             elif len(seq.output_ids) >= seq.stopping.max_tokens:
                 reason = "length"
             self.block_manager.commit(seq)
@@ -211,6 +215,9 @@ class Scheduler:
             if seq.prefix is not None and seq.prefix_embeddings is None and \
                     not self.prompts.ready(seq.prefix):
                 continue  # its soft prompt is loading
+            if seq.grammar is not None and seq.matcher is None and \
+                    not self.grammars.ready(seq.grammar):
+                continue  # its grammar is compiling
             hits = bm.cached_prefix(seq)
             new_tokens = seq.num_tokens - len(hits) * bm.block_size
             if chunk_budget is not None:
@@ -236,6 +243,8 @@ class Scheduler:
                 seq.adapter_slot = self.adapters.acquire(seq.adapter)
             if seq.prefix is not None and seq.prefix_embeddings is None:
                 seq.prefix_embeddings = self.prompts.take(seq.prefix)
+            if seq.grammar is not None and seq.matcher is None:
+                seq.matcher = self.grammars.matcher(seq.grammar)
             seq.status = SequenceStatus.RUNNING
             if seq.scheduled_at is None:  # a preempted sequence keeps its first admission
                 seq.scheduled_at = now

@@ -8,6 +8,7 @@ import torch
 
 from textgen_backend.adapters.catalog import AdapterRef
 from textgen_backend.prompt_tuning.store import PrefixRef
+from textgen_backend.sampling.grammar import Grammar
 from textgen_backend.sampling.params import DetailsParams, SamplingParams, StoppingParams
 
 
@@ -36,6 +37,8 @@ class Sequence:
     adapter_slot: int = -1             # its device slot while running
     prefix: PrefixRef | None = None    # soft prompt: virtual tokens before prompt_ids
     prefix_embeddings: torch.Tensor | None = None  # [num_virtual, hidden], once admitted
+    grammar: Grammar | None = None     # a constraint on its output
+    matcher: object | None = None      # its grammar's llguidance matcher, once admitted
     num_cached_tokens: int = 0         # KV positions found in the prefix cache at admission
     num_computed_tokens: int = 0       # KV positions written (cached ones included)
     num_registered_blocks: int = 0     # leading blocks registered in the prefix cache

@@ -82,6 +82,13 @@ GENERATION_PARAMETERS = (
           doc="Fill cum_log_probs, output_log_probs and token_details (logprob, rank)."),
     _spec("top_n_tokens", "TYPE_INT32", doc="Alternatives per token in token_details."),
     _spec("decoder_input_details", "TYPE_BOOL", doc="Fill input_token_details for the prompt."),
+    _spec("grammar", "TYPE_STRING",
+          doc="TGI's constraint: JSON {\"type\": json | json_schema | regex | grammar, "
+              "\"value\": schema, regex or Lark grammar}."),
+    _spec("guided_decoding_guide_type", "TYPE_STRING",
+          doc="TensorRT-LLM's constraint type: json, json_schema, regex or ebnf_grammar."),
+    _spec("guided_decoding_guide", "TYPE_STRING",
+          doc="TensorRT-LLM's constraint: the schema, regex or grammar text."),
     _spec("prefix_id", "TYPE_STRING",
           doc="Tuned soft prompt (TGIS prompt tuning) from --prefix-store-path (\"\" = none)."),
     _spec("adapter_id", "TYPE_STRING",

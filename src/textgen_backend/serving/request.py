@@ -16,6 +16,7 @@ import numpy as np
 
 from textgen_backend.adapters.catalog import AdapterRef
 from textgen_backend.prompt_tuning.store import PrefixRef
+from textgen_backend.sampling.grammar import Grammar, grammar_from_request
 from textgen_backend.serving import contract
 from textgen_backend.config import EngineConfig, EngineLimits
 from textgen_backend.sampling.params import (DEFAULT_MAX_TOKENS, DetailsParams, RequestError,
@@ -27,13 +28,18 @@ MAX_STOP_SEQUENCE_CHARS = 240  # TGIS's limit on one stop sequence
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "typical_p", "min_p")
 _LIST_KEYS = ("stop_words", "bad_words")
 _ADAPTER_KEYS = ("adapter_id", "adapter_source", "adapter_parameters")
-_STRING_KEYS = _ADAPTER_KEYS + ("prefix_id",)
+_STRING_KEYS = _ADAPTER_KEYS + ("prefix_id", "grammar", "guided_decoding_guide_type",
+                                "guided_decoding_guide")
+# vLLM's constraint keys, only in sampling_parameters; their JSON values pass through as given
+_CONSTRAINT_KEYS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                    "structured_outputs", "grammar")
 _TENSOR_KEYS = {spec.name for spec in contract.GENERATION_PARAMETERS} - {"sampling_parameters"}
 # sampling_parameters JSON: every tensor parameter by its own name, and vLLM's aliases.
 _JSON_ALIASES = {"stop": "stop_words", "n": "num_return_sequences",
                  "include_stop_str_in_output": "include_stop_sequence", "logprobs": "top_n_tokens",
                  "lora_name": "adapter_id"}
-_JSON_KEYS = {**{k: k for k in _TENSOR_KEYS - {"min_length"}}, **_JSON_ALIASES}
+_JSON_KEYS = {**{k: k for k in _TENSOR_KEYS - {"min_length"}}, **_JSON_ALIASES,
+              **{k: k for k in _CONSTRAINT_KEYS}}
 _DTYPES = {spec.name: spec.dtype for spec in contract.GENERATION_PARAMETERS}
 
 
@@ -46,6 +52,7 @@ class Prompt:
     params: RequestParams
     adapter: AdapterRef | None = None
     prefix: PrefixRef | None = None    # a soft prompt before input_ids
+    grammar: Grammar | None = None     # the constraint its output must follow
 
 
 def parse_prompts(inputs: dict[str, np.ndarray], limits: EngineLimits, config: EngineConfig,
@@ -67,11 +74,12 @@ def parse_prompts(inputs: dict[str, np.ndarray], limits: EngineLimits, config: E
         values = _row_values(inputs, row, batch)
         adapter = resolve_adapter(*(values.pop(key, "") for key in _ADAPTER_KEYS))
         prefix = resolve_prefix(values.pop("prefix_id", ""))
+        grammar = grammar_from_request(values, limits.grammar_support)
         params = _build_params(values, config, encode_words)
         n = int(lengths[row])
         _check_lengths(n, params.stopping.max_tokens, limits, prefix)
         prompts.append(Prompt(ids[row, :n].tolist(), texts[row].decode(), row, params, adapter,
-                              prefix))
+                              prefix, grammar))
     return prompts
 
 
@@ -160,6 +168,8 @@ def _parse_json(raw) -> dict:
             if not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
                 raise RequestError(f"sampling_parameters.{key} must be a string or a list of "
                                    "strings")
+        elif name in _CONSTRAINT_KEYS:
+            pass  # a schema object, a choice list or a text: grammar.py checks it
         elif name in _STRING_KEYS:
             if name == "adapter_parameters" and isinstance(value, dict):
                 value = json.dumps(value)  # an object in place of its JSON text

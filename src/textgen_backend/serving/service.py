@@ -110,7 +110,8 @@ class GenerationService:
                                  dataclasses.replace(params.sampling, seed=c.seed),
                                  params.stopping, details=params.details,
                                  track_logprobs=params.details.per_token or params.best_of > 1,
-                                 adapter=c.prompt.adapter, prefix=c.prompt.prefix))
+                                 adapter=c.prompt.adapter, prefix=c.prompt.prefix,
+                                 grammar=c.prompt.grammar))
         self._request_metrics.accepted(sink, prompts, seq_ids, arrival)
         self._send(("add", seqs))
 
