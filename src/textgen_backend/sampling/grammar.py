@@ -147,14 +147,18 @@ class GrammarMatchers:
             return True
         future = self._compiling.get(grammar.text)
         if future is None:
-            self._compiling[grammar.text] = self._worker.submit(
-                llguidance.LLMatcher, self._tokenizer, grammar.text)
+            self._compiling[grammar.text] = self._worker.submit(self.compile, grammar)
             return False
         if not future.done():
             return False
         self._compiled[grammar.text] = future.result()
         del self._compiling[grammar.text]
         return True
+
+    def compile(self, grammar: Grammar) -> llguidance.LLMatcher:
+        """A matcher at the grammar's start (llguidance compiles lazily: part of the work
+        comes with the first masks)."""
+        return llguidance.LLMatcher(self._tokenizer, grammar.text)
 
     def matcher(self, grammar: Grammar) -> llguidance.LLMatcher:
         """A fresh matcher for an admitted sequence."""
