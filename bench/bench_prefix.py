@@ -119,8 +119,9 @@ def mixed_load(model_dir, tiny, args, rng) -> list[list]:
                              max_batch_prefill_tokens=args.chunk if chunked else None)
         streams = [(0.0, _seq(i, rng.integers(10, args.vocab, 64).tolist(), args.stream_tokens))
                    for i in range(args.streams)]
-        quiet = run_arrivals(engine, [(0.0, _seq(10_000 + i, rng.integers(10, args.vocab, 64).tolist(),
-                                                 32)) for i in range(args.streams)])
+        quiet = run_arrivals(engine, [
+            (0.0, _seq(10_000 + i, rng.integers(10, args.vocab, 64).tolist(), 32))
+            for i in range(args.streams)])
         step_ms = 1e3 * np.median([g for gs in quiet["gaps"].values() for g in gs])
         longs = [(1.0 + i * args.long_every, _seq(20_000 + i, rng.integers(
             10, args.vocab, args.long_tokens).tolist(), 4)) for i in range(args.longs)]
