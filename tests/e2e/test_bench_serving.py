@@ -38,13 +38,20 @@ def genai_perf():
 def test_bench_serving_smoke(tiny_server, tiny_model_dir, genai_perf, tmp_path, tool, backend):
     before = settled_metrics(tiny_server)
     summary_path = tmp_path / "summary.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_serving.py"), "--tool", tool,
-         "--backend", backend, "--genai-perf", str(genai_perf), "--url", tiny_server.grpc_url,
-         "--tokenizer", str(tiny_model_dir), "--concurrency", "2", "--input-tokens", "16",
-         "--output-tokens", str(OUTPUT_TOKENS), "--measurement-interval", "500",
-         "--artifact-dir", str(tmp_path / "artifacts"), "--json", str(summary_path)],
-        capture_output=True, text=True, timeout=300)
+    for attempt in range(2):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "bench_serving.py"), "--tool", tool,
+             "--backend", backend, "--genai-perf", str(genai_perf), "--url",
+             tiny_server.grpc_url, "--tokenizer", str(tiny_model_dir), "--concurrency", "2",
+             "--input-tokens", "16", "--output-tokens", str(OUTPUT_TOKENS),
+             "--measurement-interval", "500", "--artifact-dir",
+             str(tmp_path / f"artifacts-{attempt}"), "--json", str(summary_path)],
+            capture_output=True, text=True, timeout=300)
+        # perf_analyzer (inside genai-perf) sometimes leaves an empty profile export on a loaded
+        # 2-core machine; genai-perf then fails to parse it. Once more is enough: the server
+        # is not at fault, and the counts below still cover both runs.
+        if "zero-length, empty document" not in result.stdout + result.stderr:
+            break
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     for line in ("time to first token (ms)", "inter-token latency (ms)", "output tokens/s"):
         assert line in result.stdout
