@@ -123,7 +123,7 @@ def mixed_load(model_dir, tiny, args, rng) -> list[list]:
             (0.0, _seq(10_000 + i, rng.integers(10, args.vocab, 64).tolist(), 32))
             for i in range(args.streams)])
         step_ms = 1e3 * np.median([g for gs in quiet["gaps"].values() for g in gs])
-        longs = [(1.0 + i * args.long_every, _seq(20_000 + i, rng.integers(
+        longs = [(args.long_start + i * args.long_every, _seq(20_000 + i, rng.integers(
             10, args.vocab, args.long_tokens).tolist(), 4)) for i in range(args.longs)]
         result = run_arrivals(engine, streams + longs)
         gaps = np.array([g for sid, gs in result["gaps"].items() if sid < 10_000
@@ -147,6 +147,8 @@ def main():
     parser.add_argument("--longs", type=int, default=4)
     parser.add_argument("--long-tokens", type=int, default=8000)
     parser.add_argument("--long-every", type=float, default=1.0)
+    parser.add_argument("--long-start", type=float, default=1.0,
+                        help="seconds before the first long prompt (the streams are running)")
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=100_000, help="random token ids below")
     args = parser.parse_args()
@@ -158,8 +160,9 @@ def main():
 
         model_dir = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", "llama")
         args.requests, args.system_tokens, args.output, args.rate = 12, 120, 8, 200.0
-        args.streams, args.stream_tokens, args.longs, args.long_tokens = 4, 40, 2, 300
+        args.streams, args.stream_tokens, args.longs, args.long_tokens = 4, 150, 3, 300
         args.chunk, args.long_every, args.turns, args.vocab = 64, 0.05, 3, 390
+        args.long_start = 0.02   # while the streams run (150 steps of a few ms)
     else:
         model_dir = llama3_8b_dir()
     rng = np.random.default_rng(0)

@@ -102,13 +102,16 @@ class EngineConfig:
     max_total_tokens: int | None = flag("Most prompt + generated tokens per request. Default: "
                                         "min(max_position_embeddings, 4096).")
     waiting_served_ratio: float = flag("Admit waiting requests into a running batch once at "
-                                       "least this ratio of its size can join.", default=0.3)
-    max_batch_prefill_tokens: int | None = flag("Most prompt tokens in one prefill step. "
-                                                "Default: max_input_tokens + 50.")
+                                       "least this ratio of its size can join (with "
+                                       "--no-chunked-prefill).", default=0.3)
+    max_batch_prefill_tokens: int | None = flag("Most prompt tokens in one step (with chunked "
+                                                "prefill: the chunk budget). Default: "
+                                                "max_input_tokens + 50.")
     max_batch_total_tokens: int | None = flag("KV-cache capacity in tokens. Default: sized from "
                                               "free GPU memory; 4 x max_total_tokens on the CPU.")
     max_waiting_tokens: int = flag("Decode steps after which waiting requests join the batch "
-                                   "whatever the waiting_served_ratio.", default=20)
+                                   "whatever the waiting_served_ratio (with "
+                                   "--no-chunked-prefill).", default=20)
     max_batch_size: int | None = flag("Most sequences in a batch (default: no limit).")
     chunked_prefill: bool = flag("Prefill prompts longer than --max-batch-prefill-tokens in "
                                  "chunks over several steps, each step also decoding every "

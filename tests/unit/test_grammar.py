@@ -93,3 +93,20 @@ def test_a_batch_mixing_constraints_and_free_rows(tmp_path):
     assert texts[3] in ("Paris", "Lyon", "Nice")
     assert re.fullmatch(r"[0-9]{1,3}[+*][0-9]{1,3}=[0-9]{1,3}", texts[4])
     assert engine.stats().kv_blocks_used == 0
+
+
+def test_a_grammar_the_other_parameters_leave_no_token_for_ends_with_an_error(tmp_path):
+    model_dir = build_tiny_model(tmp_path / "model", "llama")
+    engine = Engine(EngineConfig(model_id=str(model_dir)), model_dir)
+    # the choice completes after one word, but min_tokens bans EOS for 10 tokens
+    seq = Sequence(1, [5, 6, 7], SamplingParams(), StoppingParams(max_tokens=20, min_tokens=10),
+                   grammar=grammar_from_request({"guided_choice": ["yes", "no"]}, True))
+    other = Sequence(2, [5, 6, 7], SamplingParams(), StoppingParams(max_tokens=5,
+                                                                    ignore_eos=True))
+    engine.add(seq)
+    engine.add(other)
+    errors = {}
+    while engine.has_work():
+        errors.update({o.seq_id: o.error for o in engine.step() if o.error})
+    assert list(errors) == [1] and "the grammar allows no token" in errors[1]
+    assert len(other.output_ids) == 5 and engine.stats().kv_blocks_used == 0

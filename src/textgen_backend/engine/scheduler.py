@@ -128,10 +128,17 @@ class Scheduler:
             if not done:  # a prefill chunk: its prompt goes on in a later step
                 self.block_manager.commit(seq)
         for row, (seq, token) in enumerate(zip(sampled_seqs, sampled.token_ids)):
-            seq.output_ids.append(token)
             reason = None
-            if seq.matcher is not None:
-                seq.matcher.consume_token(token)
+            if seq.matcher is not None and not seq.matcher.consume_token(token):
+                # nothing the grammar allowed survived the other constraints (min_tokens' EOS
+                # ban at a complete grammar, bad words): say so rather than emit a wrong token
+                self.running.remove(seq)
+                self._finish(seq, "error")
+                outputs.append(StepOutput(seq.seq_id, [], "error", (
+                    f"the grammar allows no token here that the other parameters allow "
+                    f"(min_tokens, bad_words?): {seq.matcher.get_error() or 'token rejected'}")))
+                continue
+            seq.output_ids.append(token)
             if token in self.eos_token_ids and (not seq.stopping.ignore_eos or seq.matcher):
                 reason = "eos_token"  # a completed grammar ends the output, even past ignore_eos
             elif len(seq.output_ids) >= seq.stopping.max_tokens:
@@ -164,8 +171,10 @@ class Scheduler:
 
     def _schedule_chunked(self) -> SchedulerOutput | None:
         """Every decoding sequence's next token, then prefill chunks up to
-        max_batch_prefill_tokens: sequences part-way through their prompt first, then newly
-        admitted ones (TGI's policy says when). Running streams get a token every step."""
+        max_batch_prefill_tokens: sequences part-way through their prompt first, then waiting
+        ones while the budget lasts. Running streams get a token every step, so waiting
+        prompts need not be held back to be prefilled together (TGI's waiting_served_ratio and
+        max_waiting_tokens apply without chunked prefill)."""
         if self.running:
             self._reserve_decode_slots()
         seqs = [s for s in self.running if s.is_decoding]
@@ -179,14 +188,13 @@ class Scheduler:
             budget -= counts[-1]
         admitted = []
         if self.waiting and budget > 0 and self._batch_has_room():
-            admitted = self._admit(self._min_new_sequences(), budget)
+            admitted = self._admit(1, budget)
         for seq in admitted:
             seqs.append(seq)
             counts.append(self._chunk(seq, budget))
             budget -= counts[-1]
         if not seqs:
             return None
-        self.steps_since_prefill = 0 if admitted else self.steps_since_prefill + 1
         return SchedulerOutput(seqs, not all(s.is_decoding for s in seqs), counts)
 
     @staticmethod
