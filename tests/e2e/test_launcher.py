@@ -91,15 +91,15 @@ def _tritonservers_of(repository: Path) -> str:
 def _overload(grpc: int, requests: int) -> int:
     """`requests` concurrent generations; returns how many were refused as overloaded."""
     refused = []
-    # Every client connects before any sends, and the admitted ones generate long enough to
-    # still be in flight when the last is sent: the count does not depend on thread start-up.
+    # Every client connects before any sends, so that all are sent within moments while the
+    # admitted ones generate: the count does not depend on thread start-up.
     all_connected = threading.Barrier(requests)
 
     def one():
         client = TextgenClient(f"127.0.0.1:{grpc}")
         all_connected.wait()
         try:
-            client.generate("Hello", max_tokens=200)
+            client.generate("Hello", max_tokens=40)
         except Exception as exc:  # noqa: BLE001 - the refusal is what is counted
             refused.append("overloaded" in str(exc))
         finally:
