@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import Timer, llama3_8b_dir, print_table
+from common import decode_step_ms, llama3_8b_dir, print_table
 
 NESTED = {"type": "object", "additionalProperties": False, "required": ["id", "items"],
           "properties": {"id": {"type": "integer", "minimum": 0},
@@ -35,21 +35,10 @@ def decode_ms(engine, batch: int, steps: int, grammar) -> float:
     from textgen_backend.engine.sequence import Sequence
     from textgen_backend.sampling.params import SamplingParams, StoppingParams
 
-    seqs = [Sequence(i + (10_000 if grammar else 0), list(range(100, 612)), SamplingParams(),
-                     StoppingParams(max_tokens=steps + 16, ignore_eos=True), grammar=grammar)
-            for i in range(batch)]
-    for seq in seqs:
-        engine.add(seq)
-    while any(not s.output_ids for s in seqs):
-        engine.step()
-    for _ in range(3):
-        engine.step()
-    with Timer() as t:
-        for _ in range(steps):
-            engine.step()
-    while engine.has_work():
-        engine.step()
-    return 1e3 * t.seconds / steps
+    return decode_step_ms(engine, [
+        Sequence(i + (10_000 if grammar else 0), list(range(100, 612)), SamplingParams(),
+                 StoppingParams(max_tokens=steps + 16, ignore_eos=True), grammar=grammar)
+        for i in range(batch)], steps)
 
 
 def main():

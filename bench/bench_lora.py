@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (LLAMA3_8B, Timer, llama3_8b_dir, measure_ceilings, print_table,
-                    release_gpu_memory, sharegpt_workload)
+from common import (LLAMA3_8B, Timer, decode_step_ms, llama3_8b_dir, measure_ceilings,
+                    print_table, release_gpu_memory, sharegpt_workload, step)
 
 PROJECTIONS = {"self_attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
                "mlp": ["gate_proj", "up_proj", "down_proj"]}
@@ -95,21 +95,9 @@ def _sequences(first_id, count, lengths, adapters, rng):
 def decode_ms(engine, refs: list, batch: int, context: int, steps: int, first_id: int) -> float:
     """ms per decode step of `batch` sequences, row i with refs[i % len(refs)] (None: base)."""
     rng = np.random.default_rng(first_id)
-    seqs = _sequences(first_id, batch, [(context, steps + 8)] * batch,
+    seqs = _sequences(first_id, batch, [(context, steps + 16)] * batch,
                       [refs[i % len(refs)] for i in range(batch)], rng)
-    for seq in seqs:
-        engine.add(seq)
-    while any(not s.output_ids for s in seqs):  # adapter loads, prefills
-        engine.step()
-    for _ in range(3):
-        engine.step()
-    with Timer() as t:
-        for _ in range(steps):
-            engine.step()
-    assert all(len(s.output_ids) == steps + 4 for s in seqs), "a sequence fell out of the batch"
-    while engine.has_work():
-        engine.step()
-    return 1e3 * t.seconds / steps
+    return decode_step_ms(engine, seqs, steps)
 
 
 def throughput(engine, requests, refs: list, first_id: int) -> tuple[float, float]:
@@ -119,7 +107,7 @@ def throughput(engine, requests, refs: list, first_id: int) -> tuple[float, floa
         for seq in seqs:
             engine.add(seq)
         while engine.has_work():
-            engine.step()
+            step(engine)
     return sum(n_out for _, n_out in requests) / t.seconds, t.seconds
 
 
@@ -139,10 +127,10 @@ def loading(engine, catalog, directories, batch: int, context: int) -> dict:
     for seq in base:
         engine.add(seq)
     while any(not s.output_ids for s in base):
-        engine.step()
+        step(engine)
     quiet, during = [], []
     for _ in range(30):
-        engine.step()
+        step(engine)
         quiet.append(engine.last_step.total_seconds)
     refs = [catalog.resolve(str(d), "local", "") for d in directories[5:13]]
     waiting = _sequences(910_000, len(refs), [(16, 4)] * len(refs), refs, rng)
@@ -150,12 +138,12 @@ def loading(engine, catalog, directories, batch: int, context: int) -> dict:
         engine.add(seq)
     started = time.perf_counter()
     while any(not s.output_ids for s in waiting):
-        engine.step()
+        step(engine)
         if engine.last_step is not None and not engine.last_step.is_prefill:
             during.append(engine.last_step.total_seconds)
     loads_seconds = time.perf_counter() - started
     while engine.has_work():
-        engine.step()
+        step(engine)
     return {"load_ms": load_ms, "quiet_ms": 1e3 * float(np.median(quiet)),
             "worst_ms": 1e3 * max(during, default=float("nan")),
             "steps_during": len(during), "loads_seconds": loads_seconds}
@@ -203,19 +191,27 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     print(f"commit {commit or 'unknown'}; {torch.cuda.get_device_name()}")
+    started = time.perf_counter()
+
+    def phase(name):
+        print(f"[{time.perf_counter() - started:6.1f}s] {name}", flush=True)
     ceilings = measure_ceilings()
     root = Path(tempfile.mkdtemp(prefix="lora-bench-"))
     count = max(args.adapters, 64)
     directories = write_adapters(root, count + 13, args.rank)  # 13 never served before loads
+    phase(f"{count + 13} adapters written")
     engine, catalog = build_engine(llama3_8b_dir(), args.rank, count)
+    phase("engine built")
     refs = [catalog.resolve(str(d), "local", "") for d in directories[:count]]
 
     # loads first: every slot is free, so the direct write below touches no served adapter
     loads = loading(engine, catalog, directories[count:], args.batch, args.context)
+    phase("loads measured")
     decode_rows, base_ms = [], None
     for distinct in (0, 1, 8, 64):
         chosen = refs[:distinct] or [None]
         ms = decode_ms(engine, chosen, args.batch, args.context, args.steps, 100_000 * distinct)
+        phase(f"decode with {distinct} adapters")
         base_ms = base_ms or ms
         decode_rows.append(["base model" if not distinct else f"{distinct} adapters",
                             f"{ms:.2f}", f"{1e3 * args.batch / ms:,.0f}",

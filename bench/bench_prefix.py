@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from common import llama3_8b_dir, print_table
+from common import llama3_8b_dir, print_table, release_gpu_memory, step
 
 
 def make_engine(model_dir: Path, tiny: bool, **overrides):
@@ -32,6 +33,9 @@ def make_engine(model_dir: Path, tiny: bool, **overrides):
                   max_batch_prefill_tokens=256) if tiny else
              dict(max_input_tokens=8192, max_total_tokens=8192 + 256,
                   max_batch_prefill_tokens=8192, cuda_graphs="1,2,4,8,16,32,64,128,256"))
+    if torch.cuda.is_available() and torch.cuda.memory_allocated() > 2**30:
+        print(f"warning: {torch.cuda.memory_allocated() / 2**30:.1f} GiB still held by the "
+              "previous engine; this one gets a smaller KV cache")
     config = dict(model_id=str(model_dir), max_concurrent_requests=1024,
                   load_format="safetensors" if tiny else "dummy",
                   dtype="float32" if tiny else "bfloat16", **sizes)
@@ -62,7 +66,7 @@ def run_arrivals(engine, arrivals: list[tuple[float, object]]) -> dict:
         if not engine.has_work():
             time.sleep(max(0.0, pending[0][0] - now))
             continue
-        engine.step()
+        step(engine)
         stamp = time.perf_counter()
         for seq in seqs:
             n = len(seq.output_ids)
@@ -77,19 +81,28 @@ def run_arrivals(engine, arrivals: list[tuple[float, object]]) -> dict:
 
 
 def shared_prefix(model_dir, tiny, args, rng) -> list[list]:
+    """TTFT with requests arriving at args.rate, then throughput with all of them queued at
+    once (a fixed arrival rate caps tok/s at what arrives), each with caching on and off."""
     system = rng.integers(10, args.vocab, args.system_tokens).tolist()
+
+    def requests(first_id, rate):
+        return [(i / rate if rate else 0.0, _seq(first_id + i, system + rng.integers(
+            10, args.vocab, int(rng.integers(50, 201) if not tiny else rng.integers(5, 20))
+        ).tolist(), args.output)) for i in range(args.requests)]
+
     rows = []
     for caching in (True, False):
         engine = make_engine(model_dir, tiny, prefix_caching=caching)
-        arrivals = [(i / args.rate, _seq(i, system + rng.integers(10, args.vocab, int(
-            rng.integers(50, 201) if not tiny else rng.integers(5, 20))).tolist(), args.output))
-            for i in range(args.requests)]
-        result = run_arrivals(engine, arrivals)
-        ttft = np.array(list(result["ttft"].values())) * 1e3
+        paced = run_arrivals(engine, requests(0, args.rate))
+        burst = run_arrivals(engine, requests(args.requests, None))
+        ttft = np.array(list(paced["ttft"].values())) * 1e3
         rows.append(["on" if caching else "off", f"{np.percentile(ttft, 50):.1f}",
                      f"{np.percentile(ttft, 99):.1f}",
-                     f"{result['tokens'] / result['seconds']:,.0f}",
+                     f"{paced['tokens'] / paced['seconds']:,.0f}",
+                     f"{burst['tokens'] / burst['seconds']:,.0f}",
                      f"{engine.stats().prefix_cache_hit_tokens:,}"])
+        del engine
+        release_gpu_memory()
     return rows
 
 
@@ -108,15 +121,20 @@ def multi_turn(model_dir, tiny, args, rng) -> list[list]:
         rows.append([turn + 1, len(conversation), f"{1e3 * result['ttft'][turn]:.1f}",
                      f"{100 * hits / max(queried, 1):.0f}%"])
         conversation += seq.output_ids
+    del engine
+    release_gpu_memory()
     return rows
 
 
 def mixed_load(model_dir, tiny, args, rng) -> list[list]:
+    """The streams' inter-token gaps with long prompts arriving, per chunk size (None: chunked
+    prefill off); a smaller chunk makes each mixed step cheaper and the long prompts' TTFT
+    longer."""
     rows = []
-    for chunked in (True, False):
+    for chunk in args.chunks + [None]:
         # without chunks a prefill holds a whole prompt (TGI: max_input_tokens + 50)
-        engine = make_engine(model_dir, tiny, chunked_prefill=chunked,
-                             max_batch_prefill_tokens=args.chunk if chunked else None)
+        engine = make_engine(model_dir, tiny, chunked_prefill=chunk is not None,
+                             max_batch_prefill_tokens=chunk)
         streams = [(0.0, _seq(i, rng.integers(10, args.vocab, 64).tolist(), args.stream_tokens))
                    for i in range(args.streams)]
         quiet = run_arrivals(engine, [
@@ -128,9 +146,12 @@ def mixed_load(model_dir, tiny, args, rng) -> list[list]:
         result = run_arrivals(engine, streams + longs)
         gaps = np.array([g for sid, gs in result["gaps"].items() if sid < 10_000
                          for g in gs]) * 1e3
-        rows.append(["on" if chunked else "off", f"{step_ms:.2f}",
-                     f"{np.percentile(gaps, 50):.2f}", f"{np.percentile(gaps, 99):.2f}",
-                     f"{np.percentile(gaps, 99) / step_ms:.2f}x"])
+        long_ttft = [1e3 * t for sid, t in result["ttft"].items() if sid >= 20_000]
+        rows.append([chunk or "off", f"{step_ms:.2f}", f"{np.percentile(gaps, 50):.2f}",
+                     f"{np.percentile(gaps, 99):.2f}", f"{np.percentile(gaps, 99) / step_ms:.2f}x",
+                     f"{gaps.max():.1f}", f"{np.mean(long_ttft):.0f}"])
+        del engine
+        release_gpu_memory()
     return rows
 
 
@@ -149,7 +170,9 @@ def main():
     parser.add_argument("--long-every", type=float, default=1.0)
     parser.add_argument("--long-start", type=float, default=1.0,
                         help="seconds before the first long prompt (the streams are running)")
-    parser.add_argument("--chunk", type=int, default=2048)
+    parser.add_argument("--chunks", type=lambda v: [int(c) for c in v.split(",")],
+                        default=[2048, 512, 256], help="chunk sizes (max_batch_prefill_tokens)")
+    parser.add_argument("--scenarios", default="shared,turns,mixed")
     parser.add_argument("--vocab", type=int, default=100_000, help="random token ids below")
     args = parser.parse_args()
     if args.tiny:
@@ -161,25 +184,31 @@ def main():
         model_dir = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", "llama")
         args.requests, args.system_tokens, args.output, args.rate = 12, 120, 8, 200.0
         args.streams, args.stream_tokens, args.longs, args.long_tokens = 4, 150, 3, 300
-        args.chunk, args.long_every, args.turns, args.vocab = 64, 0.05, 3, 390
+        args.chunks, args.long_every, args.turns, args.vocab = [64], 0.05, 3, 390
         args.long_start = 0.02   # while the streams run (150 steps of a few ms)
     else:
-        model_dir = llama3_8b_dir()
+        model_dir = llama3_8b_dir(max_position_embeddings=16384)  # 8k prompts + outputs
     rng = np.random.default_rng(0)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     print(f"commit {commit or 'unknown'}")
-    print_table(f"Shared prefix: {args.requests} requests at {args.rate}/s, {args.system_tokens}"
-                f"-token system prompt, {args.output} output tokens",
-                ["prefix caching", "TTFT p50 ms", "TTFT p99 ms", "output tok/s", "hit tokens"],
-                shared_prefix(model_dir, args.tiny, args, rng))
-    print_table("Multi-turn chat (each turn resends the conversation)",
-                ["turn", "prompt tokens", "TTFT ms", "hit rate"],
-                multi_turn(model_dir, args.tiny, args, rng))
-    print_table(f"Mixed load: {args.streams} streams decoding, {args.long_tokens}-token prompts "
-                f"every {args.long_every}s (chunk {args.chunk})",
-                ["chunked prefill", "step ms (quiet)", "ITL p50 ms", "ITL p99 ms",
-                 "p99 / step"], mixed_load(model_dir, args.tiny, args, rng))
+    scenarios = args.scenarios.split(",")
+    if "shared" in scenarios:
+        print_table(f"Shared prefix: {args.requests} requests at {args.rate}/s (then all queued), "
+                    f"{args.system_tokens}-token system prompt, {args.output} output tokens",
+                    ["prefix caching", "TTFT p50 ms", "TTFT p99 ms", "tok/s paced",
+                     "tok/s all queued", "hit tokens"],
+                    shared_prefix(model_dir, args.tiny, args, rng))
+    if "turns" in scenarios:
+        print_table("Multi-turn chat (each turn resends the conversation)",
+                    ["turn", "prompt tokens", "TTFT ms", "hit rate"],
+                    multi_turn(model_dir, args.tiny, args, rng))
+    if "mixed" in scenarios:
+        print_table(f"Mixed load: {args.streams} streams decoding, {args.long_tokens}-token "
+                    f"prompts every {args.long_every}s",
+                    ["chunk (prefill tokens per step)", "step ms (quiet)", "ITL p50 ms",
+                     "ITL p99 ms", "p99 / step", "max gap ms", "long prompt TTFT ms"],
+                    mixed_load(model_dir, args.tiny, args, rng))
 
 
 if __name__ == "__main__":

@@ -61,24 +61,49 @@ def time_decode(engine, batch: int, context: int, steps: int, rng) -> tuple[floa
     from textgen_backend.engine.sequence import Sequence
 
     seqs = [Sequence(1000 * batch + i, [rng.randrange(128000) for _ in range(context)],
-                     SamplingParams(), StoppingParams(max_tokens=steps + 8, ignore_eos=True))
+                     SamplingParams(), StoppingParams(max_tokens=steps + 16, ignore_eos=True))
             for i in range(batch)]
-    for s in seqs:
-        engine.add(s)
-    while any(not s.output_ids for s in seqs):  # prefills
-        engine.step()
+    graphs = engine.runner.decode_graphs.set
+    graph_ms = []
+    step_ms = decode_step_ms(engine, seqs, steps, lambda: graph_ms.append(triton.testing.do_bench(
+        graphs.graphs[graphs.smallest(batch)].replay, warmup=10, rep=100, return_mode="median")))
+    return step_ms, graph_ms[0]
+
+
+def step(engine) -> None:
+    """One engine step; one with nothing to run (prompts waiting for an adapter or a grammar)
+    sleeps 1 ms, as the server's engine process does. A loop spinning on such steps holds the
+    GIL that the loader thread needs: on the H200 one adapter load took ~30 s that way."""
+    engine.step()
+    if engine.last_step is None:
+        time.sleep(0.001)
+
+
+def decode_step_ms(engine, seqs: list, steps: int, before_drain=lambda: None) -> float:
+    """ms per engine step while every one of `seqs` (max_tokens >= steps + 16) decodes; the
+    prefills and three warm-up steps run first, `before_drain` runs while they still decode."""
+    for seq in seqs:
+        engine.add(seq)
+    while any(not s.output_ids for s in seqs):  # prefills (and adapter loads, grammars)
+        step(engine)
     for _ in range(3):
-        engine.step()
+        step(engine)
+    before = [len(s.output_ids) for s in seqs]  # chunked prefill starts rows a step or so apart
     with Timer() as t:
         for _ in range(steps):
-            engine.step()
-    assert all(len(s.output_ids) == steps + 4 for s in seqs), "a sequence fell out of the batch"
-    graphs = engine.runner.decode_graphs.set
-    graph_ms = triton.testing.do_bench(graphs.graphs[graphs.smallest(batch)].replay, warmup=10, rep=100,
-                                       return_mode="median")
+            step(engine)
+    made = [len(s.output_ids) - n for s, n in zip(seqs, before)]
+    if any(m != steps for m in made):  # printed, not raised: the run's other tables still count
+        stats = engine.stats()
+        print(f"warning: in {steps} timed steps, rows made {sorted(set(made))} tokens "
+              f"(mean {np.mean(made):.1f}); running {stats.num_running}, waiting "
+              f"{stats.num_waiting}, KV blocks {stats.kv_blocks_used}/{stats.kv_blocks_total}, "
+              f"preemptions {stats.num_preemptions}, finished "
+              f"{sum(s.finish_reason is not None for s in seqs)}")
+    before_drain()
     while engine.has_work():
-        engine.step()
-    return 1e3 * t.seconds / steps, graph_ms
+        step(engine)
+    return 1e3 * t.seconds / steps
 
 
 def write_synthetic_tokenizer(model_dir: Path, vocab_size: int) -> None:

@@ -2,13 +2,18 @@
 # Builds .carry/ (git-ignored, ~52 MB) on a networked machine with `make install` done: what a
 # GPU machine without network needs besides its preinstalled torch (see bench/device_env.sh):
 # numpy<2, grpcio/protobuf/rapidjson and tritonclient (without its perf_analyzer binaries)
-# for Python 3.12, and tritonserver's parts of the nvidia-pytriton wheel (Python 3.12 stub).
+# for Python 3.12, llguidance (bench_grammar), the demo model's tokenizer files (no `textgen
+# demo-model` there), and tritonserver's parts of the nvidia-pytriton wheel (Python 3.12 stub).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .carry && mkdir .carry
 .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-  --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .carry numpy==1.26.4 tritonclient==2.51.0 grpcio==1.85.1 protobuf==4.25.9 python-rapidjson==1.20
+  --implementation cp --platform manylinux_2_31_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d .carry numpy==1.26.4 tritonclient==2.51.0 grpcio==1.85.1 protobuf==4.25.9 python-rapidjson==1.20 \
+  llguidance==1.9.1
+DEMO=$(.venv/bin/textgen demo-model)
+mkdir .carry/demo-tokenizer
+cp "$DEMO"/tokenizer.json "$DEMO"/tokenizer_config.json .carry/demo-tokenizer/
 .venv/bin/python - <<'PY'
 import pathlib, zipfile
 wheel = next(pathlib.Path(".carry").glob("tritonclient-*.whl"))

@@ -28,10 +28,10 @@ def test_bench_prefix_tiny_smoke():
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     on, off = _rows(out, "Shared prefix")
-    assert on[0] == "on" and int(on[4].replace(",", "")) > 0 and off[4] == "0"
+    assert on[0] == "on" and int(on[5].replace(",", "")) > 0 and off[5] == "0"
     turns = _rows(out, "Multi-turn chat")
     assert [t[3] for t in turns][0] == "0%" and all(re.fullmatch(r"[1-9]\d*%", t[3])
                                                    for t in turns[1:])
     chunked, whole = _rows(out, "Mixed load")
-    assert chunked[0] == "on" and whole[0] == "off"
-    assert all(float(row[3]) > 0 for row in (chunked, whole))
+    assert chunked[0] == "64" and whole[0] == "off"  # --tiny's chunk size
+    assert all(float(row[3]) > 0 and float(row[6]) > 0 for row in (chunked, whole))

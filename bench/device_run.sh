@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device call of the wave-2 benches, from the repository root on the GPU machine:
+#   bash bench/device_run.sh lora grammar prefix mixed profile
+# Each bench runs under its own time limit (a call has 600 s), its whole output in $OUT/<name>.txt
+# and its last lines on stdout, so one failing bench still leaves the others' tables.
+. bench/device_env.sh > "$OUT/env.txt" 2>&1
+cd bench
+run() {
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name $(date +%T)"
+  timeout "$limit" python "$@" > "$OUT/$name.txt" 2>&1
+  echo "rc=$? $(date +%T)"
+  grep -v "it/s\]" "$OUT/$name.txt" | tail -40
+}
+for bench in "$@"; do
+  case $bench in
+    lora) run lora 340 bench_lora.py ;;
+    grammar) run grammar 150 bench_grammar.py --tokenizer ../.carry/demo-tokenizer ;;
+    prefix) run prefix 540 bench_prefix.py ;;
+    mixed) run mixed 190 bench_prefix.py --scenarios mixed --chunks 1024,512,256 ;;
+    profile) run profile 170 profile_mixed_step.py ;;
+    *) echo "unknown bench $bench" ;;
+  esac
+done
