@@ -25,6 +25,9 @@ def default_cache_root() -> Path:
 QUANTIZE = ("gptq", "awq")
 ADAPTER_SOURCES = ("hub", "local")
 LOAD_FORMATS = ("safetensors", "pt", "dummy")
+# Drafts per step: verification costs (N + 1) query rows per sequence; past ~8 the acceptance
+# of any proposer we have is too low to pay for them.
+MAX_SPECULATE = 8
 
 
 def flag(help: str, default=None, choices=None, aliases=(), env_aliases=()):
@@ -167,6 +170,14 @@ class EngineConfig:
     prompt_cache_size_mb: int = flag("Megabytes of loaded soft prompts kept on the device "
                                      "(least recently used ones are dropped past it).",
                                      default=512)
+    speculate: int = flag("Draft tokens verified per decode step (TGI's --speculate): a model "
+                          "directory with Medusa heads (medusa_lm_head.safetensors) drafts "
+                          "with them, any other with n-gram prompt lookup; 0 disables.",
+                          default=0, aliases=("--speculative-tokens",),
+                          env_aliases=("SPECULATIVE_TOKENS",))
+    speculation_max_batch_size: int = flag("Decode steps of more sequences than this run "
+                                           "without drafts (speculation costs throughput "
+                                           "under load).", default=32)
     tokenizer_config_path: str | None = flag("A tokenizer_config.json whose chat_template "
                                              "replaces the model's.")
     json_output: bool = flag("Log as JSON lines (the launcher and the Python models; "
@@ -215,6 +226,11 @@ class EngineConfig:
             raise ValueError(f"max_active_adapters must be >= 1, got {self.max_active_adapters}")
         if self.prompt_cache_size_mb < 0:
             raise ValueError(f"prompt_cache_size_mb must be >= 0, got {self.prompt_cache_size_mb}")
+        if not 0 <= self.speculate <= MAX_SPECULATE:
+            raise ValueError(f"speculate must be in [0, {MAX_SPECULATE}], got {self.speculate}")
+        if self.speculation_max_batch_size < 1:
+            raise ValueError(f"speculation_max_batch_size must be >= 1, got "
+                             f"{self.speculation_max_batch_size}")
         if self.max_lora_rank < 0:
             raise ValueError(f"max_lora_rank must be >= 0, got {self.max_lora_rank}")
         if self.adapter_cycle_time_s <= 0:

@@ -1,5 +1,6 @@
 """Imports only go down the package's rooms: cli -> serving -> engine -> adapters ->
-prompt_tuning -> sampling -> models -> layers -> weights -> config, then textgen_kernels
+prompt_tuning -> speculation -> sampling -> models -> layers -> weights -> config, then
+textgen_kernels
 (docs/ARCHITECTURE.md). An import under `if TYPE_CHECKING:` (annotations only) is exempt."""
 import ast
 from pathlib import Path
@@ -9,8 +10,8 @@ import pytest
 pytestmark = pytest.mark.unit
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-ROOMS = ["cli", "serving", "engine", "adapters", "prompt_tuning", "sampling", "models", "layers",
-         "weights", "config"]
+ROOMS = ["cli", "serving", "engine", "adapters", "prompt_tuning", "speculation", "sampling",
+         "models", "layers", "weights", "config"]
 
 
 def _room(dotted: str) -> str | None:

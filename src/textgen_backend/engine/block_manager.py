@@ -106,6 +106,23 @@ class BlockManager:
         if self.blocks_for(seq.num_tokens) > len(seq.block_ids):
             seq.block_ids.append(self._take_free())
 
+    def reserve(self, seq: Sequence, extra_tokens: int) -> int:
+        """Makes room for up to extra_tokens KV positions past seq's tokens (speculative drafts)
+        from free blocks; returns how many fit."""
+        bs = self.block_size
+        # only blocks that hold no cached prefix: transient drafts must not evict one
+        while (len(seq.block_ids) * bs < seq.num_tokens + extra_tokens and self._free
+               and self._hash_of[next(iter(self._free))] is None):
+            seq.block_ids.append(self._take_free())
+        return max(0, min(extra_tokens, len(seq.block_ids) * bs - seq.num_tokens))
+
+    def trim(self, seq: Sequence) -> None:
+        """Frees seq's blocks past its tokens (those that held rejected drafts)."""
+        keep = self.blocks_for(seq.num_tokens)
+        for block in reversed(seq.block_ids[keep:]):
+            self._release(block)
+        del seq.block_ids[keep:]
+
     def commit(self, seq: Sequence) -> None:
         """Registers seq's blocks that are now full of computed KV, so that later sequences can
         share them."""
@@ -124,14 +141,17 @@ class BlockManager:
         """Releases seq's blocks: unhashed ones are reused first, cached ones later, a chain's
         tail before its head."""
         for block in reversed(seq.block_ids):
-            self._refs[block] -= 1
-            if self._refs[block] == 0:
-                self._free[block] = None
-                if self._hash_of[block] is None:
-                    self._free.move_to_end(block, last=False)
+            self._release(block)
         seq.block_ids = []
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
+
+    def _release(self, block: int) -> None:
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            self._free[block] = None
+            if self._hash_of[block] is None:
+                self._free.move_to_end(block, last=False)
 
     def _take_free(self) -> int:
         block, _ = self._free.popitem(last=False)

@@ -30,6 +30,8 @@ from textgen_backend.sampling.params import SamplingParams, StoppingParams
 from textgen_backend.weights.quantization import resolve_quant_config
 from textgen_backend.engine.scheduler import Scheduler, SchedulerOutput, StepOutput
 from textgen_backend.engine.sequence import Sequence
+from textgen_backend.speculation.medusa import load_medusa
+from textgen_backend.speculation.speculator import Speculator
 from textgen_backend.weights.loading import iterate_weights
 
 logger = logging.getLogger("textgen")
@@ -61,6 +63,9 @@ class Engine:
                                   config.watermark_delta)
         self.adapters = self._adapter_residency(model)
         self.runner.lora_batch = self.adapters.slots.batch if self.adapters else None
+        self.runner.medusa = (load_medusa(model_dir, self.model_config.hidden_size,
+                                          self.model_config.vocab_size, self.dtype, self.device)
+                              if config.speculate else None)
         loaded = time.monotonic()
         self.limits = self._resolve_limits()
         self.runner.allocate_kv_cache(self.limits.num_kv_blocks)
@@ -81,6 +86,7 @@ class Engine:
         self.runner.grammars = self.grammars
         self.scheduler = Scheduler(self.limits, self.block_manager, eos, self.adapters,
                                    self.prompts, self.grammars)
+        self.speculator = self._speculator()
         self._aborted: list[StepOutput] = []
         self.last_step: StepStats | None = None   # the latest step(), if it ran the model
         # What a newcomer waits for, part by part (the launcher logs tritonserver's total).
@@ -89,6 +95,20 @@ class Engine:
                     self.model_config.architecture, self.device, self.dtype, kernels,
                     loaded - started, time.monotonic() - loaded,
                     self.limits.max_batch_total_tokens)
+
+    def _speculator(self) -> Speculator | None:
+        c, medusa = self.config, self.runner.medusa
+        if not c.speculate:
+            return None
+        drafts = c.speculate
+        if medusa is not None and medusa.num_heads < drafts:
+            logger.warning("[textgen] --speculate %d: the model has %d Medusa heads, so %d "
+                           "drafts per step", drafts, medusa.num_heads, medusa.num_heads)
+            drafts = medusa.num_heads
+        method = "medusa" if medusa is not None else "ngram"
+        logger.info("[textgen] speculative decoding: %d %s drafts per step, at most %d "
+                    "sequences", drafts, method, c.speculation_max_batch_size)
+        return Speculator(drafts, c.speculation_max_batch_size, method, self.block_manager)
 
     def _load_model(self, model_dir: Path):
         ops = select_ops(self.device, self.config.disable_custom_kernels)
@@ -255,7 +275,17 @@ class Engine:
                            prefix_cache_hit_tokens=bm.hit_tokens,
                            prefix_cache_blocks=bm.num_cached_blocks,
                            prefix_cache_evictions=bm.evictions,
-                           **self._adapter_stats(), **self._prompt_stats())
+                           **self._adapter_stats(), **self._prompt_stats(),
+                           **self._speculation_stats())
+
+    def _speculation_stats(self) -> dict:
+        if self.speculator is None:
+            return {}
+        counters = self.speculator.counters
+        return dict(speculation_method=counters.method,
+                    speculation_draft_tokens=counters.draft_tokens,
+                    speculation_accepted_tokens=counters.accepted_tokens,
+                    speculation_verify_rows=counters.verify_rows)
 
     def _prompt_stats(self) -> dict:
         counters = self.prompts.counters
@@ -307,6 +337,8 @@ class Engine:
         was_running = bool(self.scheduler.running)
         self.last_step = None
         scheduled = self.scheduler.schedule()
+        if scheduled is not None and self.speculator is not None:
+            self.speculator.attach(scheduled)
         if scheduled is not None:
             # Set before the forward, so that a step that raises is reported with its method.
             self.last_step = step = StepStats(
@@ -316,7 +348,11 @@ class Engine:
             forward_started = time.perf_counter()
             result = self.runner.execute(scheduled)
             forward_done = time.perf_counter()
-            outputs += self.scheduler.update(scheduled, result.sampled, result.prompt_logprobs)
+            news = self.scheduler.update(scheduled, result.sampled, result.prompt_logprobs,
+                                         result.next_drafts)
+            if self.speculator is not None:
+                self.speculator.record(scheduled, news)
+            outputs += news
             step.forward_seconds = forward_done - forward_started
             step.tokproc_seconds = time.perf_counter() - forward_done
             step.total_seconds = time.perf_counter() - started

@@ -3,6 +3,7 @@ the paged KV cache (decode through a CUDA graph when one is captured), samples. 
 sync is reading the sampled tokens."""
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from textgen_backend.layers.lora import LoraBatch
 from textgen_backend.models.config import ModelConfig
 from textgen_backend.sampling.grammar import GrammarMatchers
 from textgen_backend.sampling.sampler import SampleOutput, build_sampling_batch, sample
+from textgen_backend.speculation.medusa import MedusaHeads
 from textgen_backend.engine.scheduler import SchedulerOutput, TokenLogprob
 from textgen_backend.engine.sequence import Sequence
 
@@ -55,6 +57,7 @@ class StepInputs:
 class StepResult:
     sampled: SampleOutput
     prompt_logprobs: dict[int, list[TokenLogprob | None]] | None  # by sequence id
+    next_drafts: list[list[int]] | None = None  # Medusa's drafts at each sampled row
 
 
 class ModelRunner:
@@ -74,6 +77,7 @@ class ModelRunner:
         self.lora_batch: LoraBatch | None = None        # set when adapters are served
         self.adapter_decode_graphs: DecodeGraphs | None = None
         self.grammars: GrammarMatchers | None = None    # set when grammars are served
+        self.medusa: MedusaHeads | None = None          # set when speculating with Medusa
         self._staging = torch.empty(0, dtype=torch.int32)
 
     def _pinned(self, size: int) -> torch.Tensor:
@@ -121,20 +125,25 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
-        """Runs the step; samples for the sequences it completes (out.completes())."""
+        """Runs the step; samples for the sequences it completes (out.completes()), at each of
+        their draft positions too."""
         completes = out.completes()
         sampled_seqs = [s for s, done in zip(out.seqs, completes) if done]
-        prompt_logprobs = None
-        arrays = (self._prefill_arrays(out.seqs, out.num_new_tokens) if out.is_prefill
+        sampled_drafts = [d for d, done in zip(out.drafts, completes) if done]
+        varlen = out.is_prefill or out.draft_ids is not None
+        prompt_logprobs = hidden_rows = None
+        arrays = (self._prefill_arrays(out.seqs, out.num_new_tokens, out.drafts) if varlen
                   else self._decode_arrays(out.seqs))
         graphs = self._graphs_for(out, arrays)
         if graphs is not None:
             logits = graphs.run(arrays, self._pinned)
+            if len(sampled_seqs) < len(out.seqs):
+                logits = logits[torch.tensor(completes, device=logits.device)]
         else:
             inputs = StepInputs(arrays.ids, arrays.positions, arrays.slots, arrays.context_lens,
                                 arrays.cu_seqlens, self._tables(arrays.block_ids))
             ids, positions, slots, context_lens, cu_seqlens, tables = self._upload(inputs)
-            meta = AttentionMetadata(is_decode=not out.is_prefill, slot_mapping=slots,
+            meta = AttentionMetadata(is_decode=not varlen, slot_mapping=slots,
                                      context_lens=context_lens, block_tables=tables,
                                      cu_seqlens_q=cu_seqlens,
                                      max_seqlen_q=inputs.max_seqlen_q)
@@ -146,26 +155,31 @@ class ModelRunner:
             finally:
                 if self.lora_batch is not None:
                     self.lora_batch.slot_of_token = None
-            logits = self.model.compute_logits(hidden[cu_seqlens[1:] - 1])
+            rows = _sampled_rows(inputs.cu_seqlens, completes, out.drafts)
+            hidden_rows = hidden[torch.from_numpy(rows).to(self.device)]
+            logits = self.model.compute_logits(hidden_rows)
             if out.is_prefill:
                 prompt_logprobs = self._prompt_logprobs(out.seqs, hidden, ids, inputs)
         if not sampled_seqs:  # prefill chunks only
             return StepResult(SampleOutput([]), prompt_logprobs)
-        if len(sampled_seqs) < len(out.seqs):
-            logits = logits[torch.tensor(completes, device=logits.device)]
+        positions = _draft_positions(sampled_seqs, sampled_drafts)
         if self.grammars is not None:
             # filled on the host while the GPU still runs the forward pass (no sync before)
-            masks = self.grammars.masks([s.matcher for s in sampled_seqs])
+            masks = self.grammars.masks([s.matcher for s in positions])
             if masks is not None:
                 self.grammars.apply(logits, masks)
-        sampling = build_sampling_batch(sampled_seqs, self.eos_token_ids,
+        sampling = build_sampling_batch(positions, self.eos_token_ids,
                                         self.model_config.vocab_size, self.device,
                                         self.watermark_gamma, self.watermark_delta)
-        return StepResult(sample(logits, sampling), prompt_logprobs)
+        next_drafts = self.medusa(hidden_rows).tolist() if self.medusa is not None else None
+        return StepResult(sample(logits, sampling), prompt_logprobs, next_drafts)
 
     def _graphs_for(self, out: SchedulerOutput, arrays: StepArrays):
         """The graphs that can run this step, or None to run it eagerly. Prefills that want
-        prompt token details need every position's hidden state: those run eagerly."""
+        prompt token details need every position's hidden state, Medusa the sampled rows', and
+        steps with drafts every draft position's logits: those run eagerly."""
+        if self.medusa is not None or out.draft_ids is not None:
+            return None
         if not out.is_prefill:
             graphs = self.decode_graphs if arrays.lora_slots is None else self.adapter_decode_graphs
             return graphs if graphs is not None and graphs.fits(len(out.seqs)) else None
@@ -222,15 +236,17 @@ class ModelRunner:
             s.input_details_done = True
         return result
 
-    def _prefill_arrays(self, seqs: list[Sequence], counts: list[int]) -> StepArrays:
+    def _prefill_arrays(self, seqs: list[Sequence], counts: list[int],
+                        drafts: list[list[int]]) -> StepArrays:
         """Each sequence's next counts[i] tokens past those already computed (cached or earlier
-        chunks, whose KV they attend to): a prompt, a chunk of one, or a decoding row's one."""
+        chunks, whose KV they attend to): a prompt, a chunk of one, or a decoding row's one and
+        its drafts."""
         starts = [s.num_computed_tokens for s in seqs]
         ends = [start + n for start, n in zip(starts, counts)]
         return StepArrays(
             # a soft prompt's virtual tokens: placeholder ids, their embeddings come separately
-            ids=[t for s, start, end in zip(seqs, starts, ends)
-                 for t in ([0] * s.num_virtual_tokens + s.all_ids)[start:end]],
+            ids=[t for s, d, start, end in zip(seqs, drafts, starts, ends)
+                 for t in ([0] * s.num_virtual_tokens + s.all_ids + d)[start:end]],
             positions=np.concatenate([np.arange(start, end) for start, end in zip(starts, ends)]),
             slots=np.concatenate([self._slots(s.block_ids, end)[start:]
                                   for s, start, end in zip(seqs, starts, ends)]),
@@ -257,6 +273,30 @@ class ModelRunner:
     def _slots(self, block_ids: list[int], num_tokens: int) -> np.ndarray:
         bs = self.block_size
         return (np.asarray(block_ids)[:, None] * bs + np.arange(bs)).reshape(-1)[:num_tokens]
+
+
+def _sampled_rows(cu_seqlens: np.ndarray, completes: list[bool],
+                  drafts: list[list[int]]) -> np.ndarray:
+    """Rows of the step's hidden states that are sampled: the last token of each sequence the
+    step completes, preceded by its draft positions."""
+    ends = np.asarray(cu_seqlens[1:])[np.asarray(completes, dtype=bool)]
+    spans = [np.arange(end - len(d) - 1, end) for end, d in
+             zip(ends, [d for d, done in zip(drafts, completes) if done])]
+    return np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
+
+
+def _draft_positions(seqs: list[Sequence], drafts: list[list[int]]) -> list[Sequence]:
+    """The sampled rows' sequences as the sampler sees them: a sequence, then one view of it
+    per draft, as if the drafts before that row had been accepted (its penalties, min_tokens,
+    bad words and seeded randomness then see exactly what plain decoding would)."""
+    positions = []
+    for seq, seq_drafts in zip(seqs, drafts):
+        positions.append(seq)
+        for j in range(1, len(seq_drafts) + 1):
+            view = copy.copy(seq)
+            view.output_ids = seq.output_ids + seq_drafts[:j]
+            positions.append(view)
+    return positions
 
 
 def _adapter_slots(seqs: list[Sequence], tokens_per_seq: list[int]) -> np.ndarray | None:

@@ -36,15 +36,21 @@ class SchedulerOutput:
     seqs: list[Sequence]
     is_prefill: bool
     num_new_tokens: list[int] | None = None
+    # speculative drafts per sequence, counted in num_new_tokens (speculation/speculator.py)
+    draft_ids: list[list[int]] | None = None
 
     def __post_init__(self):
         if self.num_new_tokens is None:
             self.num_new_tokens = [s.num_tokens - s.num_computed_tokens for s in self.seqs]
 
+    @property
+    def drafts(self) -> list[list[int]]:
+        return self.draft_ids or [[] for _ in self.seqs]
+
     def completes(self) -> list[bool]:
-        """Which sequences sample a token in this step."""
-        return [s.num_computed_tokens + n == s.num_tokens
-                for s, n in zip(self.seqs, self.num_new_tokens)]
+        """Which sequences sample a token in this step (one per draft too)."""
+        return [s.num_computed_tokens + n - len(d) == s.num_tokens
+                for s, n, d in zip(self.seqs, self.num_new_tokens, self.drafts)]
 
 
 @dataclass
@@ -115,48 +121,74 @@ class Scheduler:
         return None
 
     def update(self, out: SchedulerOutput, sampled: SampleOutput,
-               prompt_logprobs: dict[int, list[TokenLogprob | None]] | None = None
-               ) -> list[StepOutput]:
-        """Appends each completed sequence's sampled token (sampled has one row per sequence
-        that completes) and finishes those that are done."""
+               prompt_logprobs: dict[int, list[TokenLogprob | None]] | None = None,
+               next_drafts: list[list[int]] | None = None) -> list[StepOutput]:
+        """Appends each completed sequence's sampled tokens and finishes those that are done.
+        sampled has one row per sequence that completes, or 1 + its drafts rows for one with
+        drafts: the drafts equal to the tokens sampled before them are kept, then the first
+        sampled token after them. next_drafts: drafts proposed at each sampled row (Medusa)."""
         outputs = []
         completes = out.completes()
-        sampled_seqs = [s for s, done in zip(out.seqs, completes) if done]
         for seq, count in zip(out.seqs, out.num_new_tokens):
             seq.num_computed_tokens += count
         for seq, done in zip(out.seqs, completes):
             if not done:  # a prefill chunk: its prompt goes on in a later step
                 self.block_manager.commit(seq)
-        for row, (seq, token) in enumerate(zip(sampled_seqs, sampled.token_ids)):
-            reason = None
+        row = 0
+        for seq, drafts, done in zip(out.seqs, out.drafts, completes):
+            if not done:
+                continue
+            first_row, row = row, row + 1 + len(drafts)
+            output = self._accept(seq, drafts, sampled, range(first_row, row))
+            if output.finish_reason == "error":
+                outputs.append(output)
+                continue
+            if drafts:  # the KV of rejected drafts is not the sequence's
+                seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
+            if next_drafts is not None:
+                seq.next_drafts = next_drafts[first_row + len(output.new_token_ids) - 1]
+            self.block_manager.commit(seq)
+            if output.finish_reason:
+                self.running.remove(seq)
+                self._finish(seq, output.finish_reason)
+            elif drafts:
+                self.block_manager.trim(seq)  # frees the blocks that only rejected drafts used
+            if prompt_logprobs and seq.seq_id in prompt_logprobs:
+                output.prompt_logprobs = prompt_logprobs[seq.seq_id]
+            if len(seq.output_ids) == len(output.new_token_ids):  # its first tokens
+                output.scheduled_at = seq.scheduled_at
+                output.num_cached_tokens = seq.num_cached_tokens
+            outputs.append(output)
+        return outputs
+
+    def _accept(self, seq: Sequence, drafts: list[int], sampled: SampleOutput,
+                rows: range) -> StepOutput:
+        """Appends the tokens sampled at rows while they confirm the drafts, up to EOS or
+        max_tokens (the output's finish_reason); a grammar dead end finishes seq with an error."""
+        output = StepOutput(seq.seq_id, [], None)
+        if seq.track_logprobs:
+            output.logprobs = []
+        for j, row in enumerate(rows):
+            token = sampled.token_ids[row]
             if seq.matcher is not None and not seq.matcher.consume_token(token):
                 # nothing the grammar allowed survived the other constraints (min_tokens' EOS
                 # ban at a complete grammar, bad words): say so rather than emit a wrong token
                 self.running.remove(seq)
                 self._finish(seq, "error")
-                outputs.append(StepOutput(seq.seq_id, [], "error", (
+                return StepOutput(seq.seq_id, [], "error", (
                     f"the grammar allows no token here that the other parameters allow "
-                    f"(min_tokens, bad_words?): {seq.matcher.get_error() or 'token rejected'}")))
-                continue
+                    f"(min_tokens, bad_words?): {seq.matcher.get_error() or 'token rejected'}"))
             seq.output_ids.append(token)
-            if token in self.eos_token_ids and (not seq.stopping.ignore_eos or seq.matcher):
-                reason = "eos_token"  # a completed grammar ends the output, even past ignore_eos
-            elif len(seq.output_ids) >= seq.stopping.max_tokens:
-                reason = "length"
-            self.block_manager.commit(seq)
-            if reason:
-                self.running.remove(seq)
-                self._finish(seq, reason)
-            output = StepOutput(seq.seq_id, [token], reason)
+            output.new_token_ids.append(token)
             if seq.track_logprobs:
-                output.logprobs = [_token_logprob(sampled, row, seq.details.top_n_tokens)]
-            if prompt_logprobs and seq.seq_id in prompt_logprobs:
-                output.prompt_logprobs = prompt_logprobs[seq.seq_id]
-            if len(seq.output_ids) == 1:
-                output.scheduled_at = seq.scheduled_at
-                output.num_cached_tokens = seq.num_cached_tokens
-            outputs.append(output)
-        return outputs
+                output.logprobs.append(_token_logprob(sampled, row, seq.details.top_n_tokens))
+            if token in self.eos_token_ids and (not seq.stopping.ignore_eos or seq.matcher):
+                output.finish_reason = "eos_token"  # a completed grammar ends it past ignore_eos
+            elif len(seq.output_ids) >= seq.stopping.max_tokens:
+                output.finish_reason = "length"
+            if output.finish_reason or j == len(drafts) or token != drafts[j]:
+                break
+        return output
 
     # --- internals -------------------------------------------------------------------------
 

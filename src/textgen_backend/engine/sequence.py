@@ -43,6 +43,7 @@ class Sequence:
     num_computed_tokens: int = 0       # KV positions written (cached ones included)
     num_registered_blocks: int = 0     # leading blocks registered in the prefix cache
     block_hashes: list[bytes] = field(default_factory=list)  # hash chain of its full blocks
+    next_drafts: list[int] = field(default_factory=list)  # Medusa's guesses for its next step
 
     @property
     def num_virtual_tokens(self) -> int:

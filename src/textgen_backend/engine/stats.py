@@ -26,6 +26,10 @@ class EngineStats:
     adapter_load_seconds: tuple[float, ...] = ()  # loads finished since the previous stats
     prompt_load_failures: int = 0     # soft prompts, since start
     prompt_load_seconds: tuple[float, ...] = ()   # soft prompt loads since the previous stats
+    speculation_method: str = ""      # "ngram" or "medusa"; "" without --speculate
+    speculation_draft_tokens: int = 0     # since start
+    speculation_accepted_tokens: int = 0  # since start
+    speculation_verify_rows: int = 0      # sequence-steps that carried drafts, since start
 
     @property
     def kv_cache_usage(self) -> float:

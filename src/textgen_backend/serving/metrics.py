@@ -164,6 +164,13 @@ ENGINE_METRICS = (
     _histogram("textgen_adapter_load_duration_seconds",
                "Time from an adapter's slot being reserved to its weights being in it",
                SECONDS_BUCKETS),
+    _counter("textgen_speculation_draft_tokens_total",
+             "Draft tokens verified (--speculate; method: ngram or medusa)", ["method"]),
+    _counter("textgen_speculation_accepted_tokens_total",
+             "Draft tokens equal to the token sampled in their place (kept)", ["method"]),
+    _counter("textgen_speculation_verify_rows_total",
+             "Sequence-steps that carried drafts (accepted / this = mean accepted length)",
+             ["method"]),
     _not_applicable(_counter("tgi_queue_jump", "Queue jumps when filling a batch"),
                     "sequences join in arrival order"),
     _not_applicable(_counter("tgi_granular_batch_addition",
@@ -229,6 +236,15 @@ class EngineMetrics:
             yield "textgen_adapter_load_duration_seconds", (), seconds
         for seconds in stats.prompt_load_seconds:
             yield "tgi_prompt_load_duration", (), seconds
+        if stats.speculation_method:
+            for name, value in (("textgen_speculation_draft_tokens_total",
+                                 stats.speculation_draft_tokens),
+                                ("textgen_speculation_accepted_tokens_total",
+                                 stats.speculation_accepted_tokens),
+                                ("textgen_speculation_verify_rows_total",
+                                 stats.speculation_verify_rows)):
+                new, self._totals[name] = value - self._totals.get(name, 0), value
+                yield name, (stats.speculation_method,), new
         for spec in ENGINE_METRICS:
             if spec.stat is None:
                 continue

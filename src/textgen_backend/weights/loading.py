@@ -31,12 +31,16 @@ def resolve_model_dir(model_id: str, revision: str | None = None,
             "(models are never downloaded at run time)") from exc
 
 
+# Medusa heads live beside the model's weights (TGI's layout); speculation/medusa.py loads them.
+MEDUSA_WEIGHTS_FILE = "medusa_lm_head.safetensors"
+
+
 def safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [model_dir / shard for shard in shards]
-    files = sorted(model_dir.glob("*.safetensors"))
+    files = sorted(p for p in model_dir.glob("*.safetensors") if p.name != MEDUSA_WEIGHTS_FILE)
     if not files:
         if pytorch_weight_files(model_dir):
             raise FileNotFoundError(

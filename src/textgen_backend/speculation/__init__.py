@@ -1,0 +1,1 @@
+"""Speculative decoding: proposers draft tokens, one step verifies them (see speculator.py)."""
