@@ -30,6 +30,11 @@ rm all.tmp
 compile --no-deps tritonserver.in -o tritonserver.tmp
 sed -n '/^nvidia-pytriton==/,$p' tritonserver.tmp >> server.lock
 rm tritonserver.tmp
+# TGI's and LoRAX's Python clients (tests of the front end), without their dependencies: they
+# pin huggingface-hub<1, which transformers 5 cannot use; what they import is in the lock above.
+compile --no-deps clients.in -o clients.tmp
+sed -n '/^[a-z]/,$p' clients.tmp >> server.lock
+rm clients.tmp
 # .venv-bench: genai-perf without its declared dependencies, what it imports with theirs.
 grep -v '^genai-perf' bench.in > bench-deps.tmp
 compile bench-deps.tmp -o bench.lock

@@ -78,7 +78,7 @@ class TextgenClient:
                     raise TextgenError(str(error))
                 final = result.get_response().parameters["triton_final_response"].bool_param
                 if result.as_numpy("text_output") is not None:
-                    yield _chunk(result)
+                    yield chunk_from_result(result)
                 if final:
                     finished = True
                     return
@@ -148,7 +148,8 @@ def build_inputs(prompts: list[str], **params) -> list[grpcclient.InferInput]:
     return inputs
 
 
-def _chunk(result) -> GenerationChunk:
+def chunk_from_result(result) -> GenerationChunk:
+    """A GenerationChunk from one ensemble response (an InferResult)."""
     def scalar(name):
         return result.as_numpy(name).reshape(-1)[0]
 

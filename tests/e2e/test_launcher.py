@@ -1,11 +1,13 @@
 """textgen-launcher end to end: renders, serves, answers a streaming request, drains the requests
 in flight on Ctrl-C and stops."""
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +24,13 @@ pytestmark = pytest.mark.e2e
 class Endpoints:
     http_url: str
     metrics_url: str
+    api_url: str  # the REST front end's (OpenAI, TGI)
 
 
 def _launch(model_dir, tmp_path, *flags) -> tuple[subprocess.Popen, int, int, Endpoints, Path]:
     """textgen-launcher started as a user would, from a working directory holding a `kernels/`
     package that must not shadow Hugging Face's (transformers imports `kernels`)."""
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics, api = free_port(), free_port(), free_port(), free_port()
     launcher = Path(sys.executable).parent / "textgen-launcher"
     workdir = tmp_path / "cwd"
     (workdir / "kernels").mkdir(parents=True)
@@ -39,7 +42,7 @@ def _launch(model_dir, tmp_path, *flags) -> tuple[subprocess.Popen, int, int, En
         process = subprocess.Popen(
             [str(launcher), "--model-id", str(model_dir), "--hostname", "127.0.0.1",
              "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-             "--model-repository", str(tmp_path / "repo"), *flags],
+             "--api-port", str(api), "--model-repository", str(tmp_path / "repo"), *flags],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)
     try:
         wait_until_ready(process, http, 300, lambda: log_path.read_text()[-3000:])
@@ -48,7 +51,8 @@ def _launch(model_dir, tmp_path, *flags) -> tuple[subprocess.Popen, int, int, En
             os.killpg(process.pid, signal.SIGKILL)
         raise
     return (process, grpc, http, Endpoints(f"http://127.0.0.1:{http}",
-                                           f"http://127.0.0.1:{metrics}/metrics"), log_path)
+                                           f"http://127.0.0.1:{metrics}/metrics",
+                                           f"http://127.0.0.1:{api}"), log_path)
 
 
 def _streams_in_flight_at_ctrl_c(process, grpc, endpoints, max_tokens):
@@ -128,6 +132,14 @@ def test_launcher_drains_streams_in_flight_on_ctrl_c(tiny_model_dir, tiny_refere
         client.close()
         expected = tiny_reference.greedy(tiny_reference.encode("The quick brown fox"), 12)
         assert [t for c in chunks for t in c.output_ids] == expected
+        # the launcher's REST front end serves the same model (TGI's route here)
+        request = urllib.request.Request(
+            f"{endpoints.api_url}/generate", json.dumps({"inputs": "The quick brown fox",
+                                                         "parameters": {"max_new_tokens": 12,
+                                                                        "details": True}}).encode(),
+            {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert [t["id"] for t in answer["details"]["tokens"]] == expected
         finals, code, seconds = _streams_in_flight_at_ctrl_c(process, grpc, endpoints, 400)
         assert code == 0, log_path.read_text()[-3000:]
         # Both streams ran to their end: the drain let them finish before tritonserver stopped.
@@ -136,6 +148,8 @@ def test_launcher_drains_streams_in_flight_on_ctrl_c(tiny_model_dir, tiny_refere
         assert finals["http"]["num_output_tokens"] == 400
         assert seconds < 30
         assert not _tritonservers_of(tmp_path / "repo")
+        with pytest.raises(OSError):  # the front end stopped with it
+            urllib.request.urlopen(f"{endpoints.api_url}/info", timeout=2)
         log = log_path.read_text()
         assert "draining" in log and "tritonserver ready in" in log and "warm-up" in log
     finally:
@@ -166,5 +180,6 @@ def test_launcher_rejects_bad_flags():
     assert result.returncode == 2 and "argument --dtype" in result.stderr and "int3" in result.stderr
     help_text = subprocess.run([str(launcher), "--help"], capture_output=True, text=True).stdout
     for flag in ("--max-batch-total-tokens", "MAX_BATCH_TOTAL_TOKENS", "--waiting-served-ratio",
-                 "--max-batch-prefill-tokens", "--http-port", "--model-repository"):
+                 "--max-batch-prefill-tokens", "--http-port", "--model-repository", "--api-port",
+                 "--api-key", "--cors-allow-origin", "--speculate", "--speculative-tokens"):
         assert flag in help_text

@@ -9,6 +9,9 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -48,6 +51,32 @@ def peft_answer(model_dir: Path, ask: str, store: Path) -> str:
     return tokenizer.decode(answer, skip_special_tokens=True)
 
 
+def _readme_clients_answer(expected: list[str]) -> None:
+    """The README's front end command, then its Python block of clients (OpenAI, huggingface_hub,
+    TGI's): they print `expected`, one answer each."""
+    [serve_api] = readme_block("textgen serve-api")
+    front_end = subprocess.Popen(["bash", "-c", f"exec {serve_api.rstrip(' &')}"], cwd=ROOT,
+                                 start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen("http://localhost:3000/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.3)
+        [block] = [b for b in re.findall(r"```python\n(.*?)```",
+                                          (ROOT / "README.md").read_text(), re.S)
+                   if "from openai import OpenAI" in b]
+        done = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout == "".join(answer + "\n" for answer in expected)
+    finally:
+        os.killpg(front_end.pid, signal.SIGTERM)
+        front_end.wait(timeout=10)
+
+
 def test_readme_deployment_commands_serve_the_demo_model(demo_model_dir, tmp_path):
     render, serve = readme_block("textgen tritonserver --model-repository")
     rendered = subprocess.run(render, shell=True, cwd=ROOT, capture_output=True, text=True)
@@ -63,8 +92,10 @@ def test_readme_deployment_commands_serve_the_demo_model(demo_model_dir, tmp_pat
         client = TextgenClient("localhost:8001")
         question = [{"role": "user", "content": "What is the capital of France?"}]
         result = client.generate(json.dumps(question), apply_chat_template=True, max_tokens=30)
+        berlin = client.generate("The capital of Germany is", max_tokens=12).text
         client.close()
         assert result.text == "The capital of France is Paris."
+        _readme_clients_answer(["The capital of France is Paris.", berlin, berlin])
         render_words = shlex.split(render)
         store = Path(render_words[render_words.index("--prefix-store-path") + 1])
         for walkthrough, option in [("train_peft.py lora", " --adapter-id"),

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -43,6 +45,15 @@ class ServerConfig:
     otlp_endpoint: str | None = flag("Export a trace of every request to this OpenTelemetry "
                                      "collector URL (OTLP over HTTP, e.g. "
                                      "http://collector:4318/v1/traces; Triton's tracing).")
+    api_port: int = flag("Port of the REST front end beside tritonserver: OpenAI's /v1 "
+                         "routes and TGI/LoRAX's (/, /generate, /generate_stream, /tokenize, "
+                         "/info, /health); TGI's REST port. 0: none (also none with "
+                         "--tls-cert-path: it calls gRPC in plain text).", default=3000)
+    api_key: str | None = flag("Bearer token the REST front end requires on every route.")
+    cors_allow_origin: str = flag("Comma-separated origins the REST front end allows (CORS).",
+                                  default="")
+    payload_limit: int = flag("Largest request body the REST front end accepts, in bytes.",
+                              default=2_000_000)
     model_repository: str | None = flag("Where to render the model repository "
                                         "(default: a temporary directory).")
     drain_timeout_s: float = flag("On SIGINT/SIGTERM: seconds the requests in flight get to "
@@ -110,9 +121,34 @@ def main(argv: list[str] | None = None) -> int:
     # tritonserver gets its own session: a terminal's Ctrl-C reaches the supervisor alone.
     process = start_tritonserver(command, repository, start_new_session=True)
     threading.Thread(target=_log_when_ready, args=(server, time.monotonic()), daemon=True).start()
-    code = supervise(process, repository, server.drain_timeout_s)
+    front_end = None
+    if server.api_port and server.tls_cert_path:
+        logger.warning("[textgen] no REST front end: it calls tritonserver over plain gRPC, and "
+                       "--tls-cert-path makes gRPC TLS-only (--api-port is ignored)")
+    elif server.api_port:
+        front_end = _start_front_end(engine, server)
+    try:
+        code = supervise(process, repository, server.drain_timeout_s)
+    finally:
+        if front_end is not None:
+            front_end.terminate()
+            front_end.wait()
     logger.info("[textgen] tritonserver exited with code %d", code)
     return code
+
+
+def _start_front_end(engine: EngineConfig, server: ServerConfig) -> subprocess.Popen:
+    """textgen_api in a process of its own (the key through the environment, not argv)."""
+    command = [sys.executable, "-m", "textgen_api", "--triton-url",
+               f"127.0.0.1:{server.grpc_port}", "--host", server.hostname,
+               "--port", str(server.api_port), "--model-name", engine.model_id,
+               "--adapters", engine.adapter_id or "",
+               "--cors-allow-origin", server.cors_allow_origin,
+               "--payload-limit", str(server.payload_limit)]
+    env = {**os.environ, "API_KEY": server.api_key or ""}
+    logger.info("[textgen] REST front end (OpenAI, TGI) on port %d", server.api_port)
+    # its own session too: the supervisor decides when it stops
+    return subprocess.Popen(command, env=env, start_new_session=True)
 
 
 def _log_when_ready(server: ServerConfig, started: float) -> None:

@@ -77,8 +77,21 @@ def _add_tritonserver(subcommands) -> None:
                         passes_unknown=True)
 
 
+def _add_serve_api(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "serve-api", add_help=False,
+        help="the OpenAI and TGI/LoRAX REST APIs in front of a running textgen tritonserver "
+             "(--triton-url HOST:GRPC_PORT --port 3000; --help for the rest)")
+
+    def run(args):
+        from textgen_api.app import main as serve_api
+        serve_api(args.unknown)
+
+    parser.set_defaults(run=run, passes_unknown=True)
+
+
 _SUBCOMMANDS = (_add_convert_gguf, _add_demo_model, _add_download_weights,
-                _add_convert_to_safetensors, _add_tritonserver)
+                _add_convert_to_safetensors, _add_tritonserver, _add_serve_api)
 
 
 def main(argv: list[str] | None = None) -> int:

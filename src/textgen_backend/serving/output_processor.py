@@ -98,6 +98,7 @@ class ProcessResult:
 class OutputProcessor:
     def __init__(self, tokenizer, responses_per_second: float):
         self.tokenizer = tokenizer
+        self._special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()))
         self.responses_per_second = responses_per_second
         self.requests: dict[int, RequestState] = {}   # by sequence id
         self.unsent: dict[int, RequestState] = {}     # streams holding coalesced text
@@ -254,10 +255,11 @@ class OutputProcessor:
                 seq.details.append(self._detail_json(token, lp))
 
     def _detail_json(self, token: int, lp: TokenLogprob | None) -> str:
-        """One token's details: {"id", "text", "logprob", "rank", "top_tokens": [...]}."""
+        """One token's details: {"id", "text", "logprob", "rank", "special", "top_tokens"}."""
         entry = {"id": token, "text": self._token_text(token),
                  "logprob": None if lp is None else lp.logprob,
-                 "rank": None if lp is None else lp.rank}
+                 "rank": None if lp is None else lp.rank,
+                 "special": token in self._special_ids}
         if lp is not None and lp.top:
             entry["top_tokens"] = [{"id": i, "text": self._token_text(i), "logprob": p}
                                    for i, p in lp.top]

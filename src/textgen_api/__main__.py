@@ -1,0 +1,3 @@
+from textgen_api.app import main
+
+main()

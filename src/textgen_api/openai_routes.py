@@ -1,0 +1,258 @@
+"""OpenAI's API: `/v1/chat/completions` (messages through the model's chat template),
+`/v1/completions`, `/v1/models`. `model` names the base model or, as in LoRAX, an adapter.
+Errors: `{"error": {"message", "type", "param", "code"}}` with 400 / 401 / 429 / 503."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from textgen_api.config import ApiConfig
+from textgen_api.ensemble import chunks, require, results, sse
+from textgen_api.errors import ApiError
+from textgen_client import GenerationResult
+
+VALIDATION = 400
+_FINISH = {"length": "length", "eos_token": "stop", "stop": "stop"}
+# fields that carry no generation parameter (accepted, unused)
+_METADATA = {"model", "user", "metadata", "store", "stream", "stream_options", "n", "messages",
+             "prompt"}
+
+
+def _sampling(body: dict) -> dict:
+    """The sampling fields every route shares -> ensemble inputs (OpenAI semantics: sampling at
+    temperature 1 unless told otherwise, temperature 0 is greedy)."""
+    temperature = body.get("temperature", 1.0)
+    temperature = 1.0 if temperature is None else temperature
+    require(isinstance(temperature, (int, float)) and 0 <= temperature <= 2,
+            "temperature must be in [0, 2]", "temperature", VALIDATION)
+    params = {"temperature": float(temperature)}  # the ensemble samples unless it is 0
+    if temperature > 0 and body.get("top_p") is not None:
+        params["top_p"] = float(body["top_p"])
+    for name in ("seed", "presence_penalty", "frequency_penalty"):
+        if body.get(name) is not None:
+            params[name] = body[name]
+    stop = body.get("stop")
+    if stop:
+        params["stop_words"] = [stop] if isinstance(stop, str) else list(stop)
+    return params
+
+
+# the base model whatever it is called: huggingface_hub.InferenceClient sends "dummy" or "tgi"
+# as `model` to a URL (TGI ignores the field)
+_BASE_ALIASES = ("", "tgi", "dummy")
+
+
+def _adapter(body: dict, config: ApiConfig) -> dict:
+    model = body.get("model") or ""
+    if model in _BASE_ALIASES or model == config.model_name:
+        return {}
+    return {"adapter_id": model}  # LoRAX: any other model names an adapter
+
+
+def _refuse_unknown(body: dict, known: set[str]) -> None:
+    for name, value in body.items():
+        if name not in known | _METADATA and value not in (None, False, [], {}):
+            raise ApiError(VALIDATION, f"{name!r} is not supported", "invalid_request_error",
+                           name)
+
+
+def _response_format(body: dict) -> dict:
+    fmt = body.get("response_format")
+    if not fmt or fmt.get("type") == "text":
+        return {}
+    if fmt.get("type") == "json_object":
+        return {"grammar": json.dumps({"type": "json", "value": {"type": "object"}})}
+    if fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        require(isinstance(schema, dict), "response_format.json_schema.schema is required",
+                "response_format", VALIDATION)
+        return {"grammar": json.dumps({"type": "json", "value": schema})}
+    raise ApiError(VALIDATION, f"response_format type {fmt.get('type')!r} is not supported",
+                   "invalid_request_error", "response_format")
+
+
+def _chat_logprobs(details: list[dict]) -> dict:
+    def entry(d):
+        return {"token": d["text"], "logprob": d.get("logprob"),
+                "bytes": list(d["text"].encode())}
+
+    return {"content": [{**entry(d), "top_logprobs": [entry(t) for t in d.get("top_tokens", [])]}
+                        for d in details]}
+
+
+def _completion_logprobs(details: list[dict], offset: int) -> dict:
+    offsets = []
+    for d in details:
+        offsets.append(offset)
+        offset += len(d["text"])
+    return {"tokens": [d["text"] for d in details],
+            "token_logprobs": [d.get("logprob") for d in details],
+            "top_logprobs": [{t["text"]: t["logprob"] for t in d.get("top_tokens", [])}
+                             for d in details],
+            "text_offset": offsets}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def router(config: ApiConfig) -> APIRouter:
+    api = APIRouter(prefix="/v1")
+
+    async def body_of(request: Request) -> dict:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(VALIDATION, "the body is not JSON", "invalid_request_error") from None
+        require(isinstance(body, dict), "the body must be a JSON object", "body", VALIDATION)
+        return body
+
+    @api.get("/models")
+    async def models():
+        created = int(time.time())
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "textgen"}
+            for name in (config.model_name, *config.adapters)]}
+
+    @api.post("/chat/completions")
+    async def chat(request: Request):
+        body = await body_of(request)
+        _refuse_unknown(body, {"max_tokens", "max_completion_tokens", "temperature", "top_p",
+                               "stop", "seed", "presence_penalty", "frequency_penalty",
+                               "logprobs", "top_logprobs", "response_format"})
+        messages = body.get("messages")
+        require(isinstance(messages, list) and messages, "messages must be a non-empty list",
+                "messages", VALIDATION)
+        rendered = []
+        for message in messages:
+            require(isinstance(message, dict) and isinstance(message.get("role"), str),
+                    "each message needs a role", "messages", VALIDATION)
+            content = message.get("content") or ""
+            if isinstance(content, list):  # content parts: the text ones
+                content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+            rendered.append({"role": message["role"], "content": content})
+        params = {**_sampling(body), **_adapter(body, config), **_response_format(body),
+                  "apply_chat_template": True}
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if max_tokens is not None:
+            params["max_tokens"] = max_tokens
+        if body.get("logprobs"):
+            params["return_log_probs"] = True
+            params["top_n_tokens"] = body.get("top_logprobs") or None
+        n = body.get("n") or 1
+        prompts = [json.dumps(rendered)] * n
+        model = body.get("model") or config.model_name
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.get("stream"):
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(_chat_events(request, prompts, params, ident, created,
+                                                  model, usage, bool(body.get("logprobs"))),
+                                     media_type="text/event-stream")
+        found = await results(request.app.state.client, request, prompts, VALIDATION, **params)
+        choices = []
+        for row in range(n):
+            result = found[(row, 0)]
+            choices.append({"index": row,
+                            "message": {"role": "assistant", "content": result.text},
+                            "logprobs": (_chat_logprobs(result.token_details)
+                                         if body.get("logprobs") else None),
+                            "finish_reason": _FINISH.get(result.finish_reason, "length")})
+        prompt_tokens = found[(0, 0)].num_input_tokens
+        completion = sum(r.num_output_tokens for r in found.values())
+        return {"id": ident, "object": "chat.completion", "created": created, "model": model,
+                "choices": choices, "usage": _usage(prompt_tokens, completion)}
+
+    async def _chat_events(request, prompts, params, ident, created, model, usage, logprobs):
+        def event(choices, **extra):
+            return sse({"id": ident, "object": "chat.completion.chunk", "created": created,
+                        "model": model, "choices": choices, **extra})
+
+        for row in range(len(prompts)):
+            yield event([{"index": row, "delta": {"role": "assistant", "content": ""},
+                          "logprobs": None, "finish_reason": None}])
+        prompt_tokens, completion = 0, {}
+        try:
+            async for chunk in chunks(request.app.state.client, prompts, VALIDATION,
+                                      stream=True, **params):
+                prompt_tokens = chunk.num_input_tokens
+                completion[chunk.batch_index] = chunk.num_output_tokens
+                if chunk.text or chunk.token_details:
+                    yield event([{"index": chunk.batch_index, "delta": {"content": chunk.text},
+                                  "logprobs": (_chat_logprobs(chunk.token_details)
+                                               if logprobs else None),
+                                  "finish_reason": None}])
+                if chunk.finish_reason:
+                    yield event([{"index": chunk.batch_index, "delta": {}, "logprobs": None,
+                                  "finish_reason": _FINISH.get(chunk.finish_reason, "length")}])
+        except ApiError as error:
+            yield sse({"error": {"message": error.message, "type": error.kind,
+                                 "param": error.param, "code": None}})
+            return
+        if usage:
+            yield event([], usage=_usage(prompt_tokens, sum(completion.values())))
+        yield sse("[DONE]")
+
+    @api.post("/completions")
+    async def completions(request: Request):
+        body = await body_of(request)
+        _refuse_unknown(body, {"max_tokens", "temperature", "top_p", "stop", "seed",
+                               "presence_penalty", "frequency_penalty", "logprobs", "echo"})
+        prompt = body.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        require(isinstance(prompts, list) and prompts and all(isinstance(p, str)
+                                                              for p in prompts),
+                "prompt must be a string or a list of strings", "prompt", VALIDATION)
+        params = {**_sampling(body), **_adapter(body, config),
+                  "max_tokens": body.get("max_tokens") or 16}  # OpenAI's default
+        if body.get("echo"):
+            params["exclude_input_in_output"] = False
+        if body.get("logprobs"):
+            params["return_log_probs"] = True
+            params["top_n_tokens"] = body["logprobs"]
+        n = body.get("n") or 1
+        model = body.get("model") or config.model_name
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.get("stream"):
+            return StreamingResponse(_completion_events(request, prompts, n, params, ident,
+                                                        created, model),
+                                     media_type="text/event-stream")
+        found = await asyncio.gather(*[
+            results(request.app.state.client, request, [p] * n, VALIDATION, **params)
+            for p in prompts])
+        choices, prompt_tokens, completion = [], 0, 0
+        for p, by_row in enumerate(found):
+            prompt_tokens += by_row[(0, 0)].num_input_tokens
+            for row in range(n):
+                result: GenerationResult = by_row[(row, 0)]
+                completion += result.num_output_tokens
+                choices.append({"index": p * n + row, "text": result.text,
+                                "logprobs": (_completion_logprobs(result.token_details, 0)
+                                             if body.get("logprobs") else None),
+                                "finish_reason": _FINISH.get(result.finish_reason, "length")})
+        return {"id": ident, "object": "text_completion", "created": created, "model": model,
+                "choices": choices, "usage": _usage(prompt_tokens, completion)}
+
+    async def _completion_events(request, prompts, n, params, ident, created, model):
+        try:
+            for p, prompt in enumerate(prompts):  # one after another: indices stay in order
+                async for chunk in chunks(request.app.state.client, [prompt] * n, VALIDATION,
+                                          stream=True, **params):
+                    yield sse({"id": ident, "object": "text_completion", "created": created,
+                               "model": model, "choices": [{
+                                   "index": p * n + chunk.batch_index, "text": chunk.text,
+                                   "logprobs": None,
+                                   "finish_reason": (_FINISH.get(chunk.finish_reason, "length")
+                                                     if chunk.finish_reason else None)}]})
+        except ApiError as error:
+            yield sse({"error": {"message": error.message, "type": error.kind,
+                                 "param": error.param, "code": None}})
+            return
+        yield sse("[DONE]")
+
+    return api
