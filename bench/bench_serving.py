@@ -67,13 +67,19 @@ def run(command: list[str], env: dict | None = None) -> None:
 def genai_perf(args, artifacts: Path) -> dict[str, np.ndarray | float]:
     """Runs genai-perf; its own table goes to stdout. Returns our summary from its JSON."""
     install_perf_analyzer(Path(args.genai_perf).parent)
-    command = [args.genai_perf, "profile", "-m", args.model, "--endpoint-type", "kserve",
-               "--backend", args.backend, "--streaming", "-u", args.url,
+    endpoint = (["--endpoint-type", "kserve", "--backend", args.backend,
+                 "--output-tokens-mean-deterministic"]
+                if args.endpoint_type == "kserve" else
+                # the REST front end's OpenAI route: genai-perf sends max_tokens, ignore_eos
+                # (vLLM's extra field) makes every output exactly that long
+                ["--endpoint-type", "chat", "--extra-inputs", "ignore_eos:true"])
+    command = [args.genai_perf, "profile", "-m", args.model, *endpoint, "--streaming",
+               "-u", args.url,
                "--tokenizer", args.tokenizer,
                "--synthetic-input-tokens-mean", str(args.input_tokens),
                "--synthetic-input-tokens-stddev", "0",
                "--output-tokens-mean", str(args.output_tokens),
-               "--output-tokens-mean-deterministic", "--concurrency", str(args.concurrency),
+               "--concurrency", str(args.concurrency),
                "--measurement-interval", str(args.measurement_interval),
                "--stability-percentage", "999", "--num-dataset-entries", "64",
                "--artifact-dir", str(artifacts)]
@@ -165,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tool", choices=("genai-perf", "perf_analyzer"), default="genai-perf")
     parser.add_argument("--backend", choices=("tensorrtllm", "vllm"), default="tensorrtllm",
                         help="genai-perf's input convention (tensors, or sampling_parameters)")
+    parser.add_argument("--endpoint-type", choices=("kserve", "chat"), default="kserve",
+                        help="genai-perf: the ensemble over gRPC, or the REST front end's "
+                             "/v1/chat/completions (--url http://host:3000)")
     parser.add_argument("--genai-perf", default=".venv-bench/bin/genai-perf",
                         help="the genai-perf executable (make bench-tools installs it)")
     parser.add_argument("--tokenizer", help="genai-perf: a local tokenizer directory (the "

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -90,3 +92,31 @@ class TritonServer:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+
+
+class FrontEnd:
+    """textgen_api in front of a TritonServer, on a free loopback port."""
+
+    def __init__(self, server, *flags: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "textgen_api", "--triton-url", server.grpc_url,
+             "--host", "127.0.0.1", "--port", str(self.port), *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/info", timeout=2)
+                return
+            except urllib.error.HTTPError:
+                return  # up (an API key refuses /info)
+            except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(self.process.stdout.read())
+                time.sleep(0.2)
+        raise RuntimeError("the front end did not start")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=10)

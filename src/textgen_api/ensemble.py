@@ -51,6 +51,26 @@ async def chunks(client: AsyncTextgenClient, prompts: list[str], validation_stat
             raise from_ensemble(error, validation_status) from None
 
 
+async def started(responses: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+    """responses, once its first chunk has come: a request the ensemble refuses raises here,
+    before the HTTP response starts, so it gets its error status rather than a 200 stream."""
+    try:
+        first = await responses.__anext__()
+    except StopAsyncIteration:
+        first = None
+
+    async def replay():
+        try:
+            if first is not None:
+                yield first
+                async for chunk in responses:
+                    yield chunk
+        finally:
+            await responses.aclose()
+
+    return replay()
+
+
 def sse(payload: dict | str) -> bytes:
     """One server-sent event."""
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)

@@ -12,12 +12,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from textgen_api.config import ApiConfig
-from textgen_api.ensemble import chunks, require, results, sse
+from textgen_api.ensemble import chunks, require, results, sse, started
 from textgen_api.errors import ApiError
 from textgen_client import GenerationResult
 
 VALIDATION = 400
 _FINISH = {"length": "length", "eos_token": "stop", "stop": "stop"}
+# vLLM's OpenAI server's extra sampling fields (genai-perf and benchmarks send ignore_eos)
+_VLLM_EXTRAS = ("ignore_eos", "min_tokens", "top_k", "min_p", "repetition_penalty")
 # fields that carry no generation parameter (accepted, unused)
 _METADATA = {"model", "user", "metadata", "store", "stream", "stream_options", "n", "messages",
              "prompt"}
@@ -33,7 +35,7 @@ def _sampling(body: dict) -> dict:
     params = {"temperature": float(temperature)}  # the ensemble samples unless it is 0
     if temperature > 0 and body.get("top_p") is not None:
         params["top_p"] = float(body["top_p"])
-    for name in ("seed", "presence_penalty", "frequency_penalty"):
+    for name in ("seed", "presence_penalty", "frequency_penalty") + _VLLM_EXTRAS:
         if body.get(name) is not None:
             params[name] = body[name]
     stop = body.get("stop")
@@ -125,7 +127,7 @@ def router(config: ApiConfig) -> APIRouter:
         body = await body_of(request)
         _refuse_unknown(body, {"max_tokens", "max_completion_tokens", "temperature", "top_p",
                                "stop", "seed", "presence_penalty", "frequency_penalty",
-                               "logprobs", "top_logprobs", "response_format"})
+                               "logprobs", "top_logprobs", "response_format", *_VLLM_EXTRAS})
         messages = body.get("messages")
         require(isinstance(messages, list) and messages, "messages must be a non-empty list",
                 "messages", VALIDATION)
@@ -151,7 +153,9 @@ def router(config: ApiConfig) -> APIRouter:
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_chat_events(request, prompts, params, ident, created,
+            responses = await started(chunks(request.app.state.client, prompts, VALIDATION,
+                                             stream=True, **params))
+            return StreamingResponse(_chat_events(responses, len(prompts), ident, created,
                                                   model, usage, bool(body.get("logprobs"))),
                                      media_type="text/event-stream")
         found = await results(request.app.state.client, request, prompts, VALIDATION, **params)
@@ -168,18 +172,17 @@ def router(config: ApiConfig) -> APIRouter:
         return {"id": ident, "object": "chat.completion", "created": created, "model": model,
                 "choices": choices, "usage": _usage(prompt_tokens, completion)}
 
-    async def _chat_events(request, prompts, params, ident, created, model, usage, logprobs):
+    async def _chat_events(responses, rows, ident, created, model, usage, logprobs):
         def event(choices, **extra):
             return sse({"id": ident, "object": "chat.completion.chunk", "created": created,
                         "model": model, "choices": choices, **extra})
 
-        for row in range(len(prompts)):
+        for row in range(rows):
             yield event([{"index": row, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None}])
         prompt_tokens, completion = 0, {}
         try:
-            async for chunk in chunks(request.app.state.client, prompts, VALIDATION,
-                                      stream=True, **params):
+            async for chunk in responses:
                 prompt_tokens = chunk.num_input_tokens
                 completion[chunk.batch_index] = chunk.num_output_tokens
                 if chunk.text or chunk.token_details:
@@ -202,7 +205,8 @@ def router(config: ApiConfig) -> APIRouter:
     async def completions(request: Request):
         body = await body_of(request)
         _refuse_unknown(body, {"max_tokens", "temperature", "top_p", "stop", "seed",
-                               "presence_penalty", "frequency_penalty", "logprobs", "echo"})
+                               "presence_penalty", "frequency_penalty", "logprobs", "echo",
+                               *_VLLM_EXTRAS})
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         require(isinstance(prompts, list) and prompts and all(isinstance(p, str)
@@ -219,8 +223,10 @@ def router(config: ApiConfig) -> APIRouter:
         model = body.get("model") or config.model_name
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.get("stream"):
-            return StreamingResponse(_completion_events(request, prompts, n, params, ident,
-                                                        created, model),
+            first = await started(chunks(request.app.state.client, [prompts[0]] * n,
+                                         VALIDATION, stream=True, **params))
+            return StreamingResponse(_completion_events(request, first, prompts, n, params,
+                                                        ident, created, model),
                                      media_type="text/event-stream")
         found = await asyncio.gather(*[
             results(request.app.state.client, request, [p] * n, VALIDATION, **params)
@@ -238,11 +244,12 @@ def router(config: ApiConfig) -> APIRouter:
         return {"id": ident, "object": "text_completion", "created": created, "model": model,
                 "choices": choices, "usage": _usage(prompt_tokens, completion)}
 
-    async def _completion_events(request, prompts, n, params, ident, created, model):
+    async def _completion_events(request, first, prompts, n, params, ident, created, model):
         try:
             for p, prompt in enumerate(prompts):  # one after another: indices stay in order
-                async for chunk in chunks(request.app.state.client, [prompt] * n, VALIDATION,
-                                          stream=True, **params):
+                responses = first if p == 0 else chunks(request.app.state.client, [prompt] * n,
+                                                        VALIDATION, stream=True, **params)
+                async for chunk in responses:
                     yield sse({"id": ident, "object": "text_completion", "created": created,
                                "model": model, "choices": [{
                                    "index": p * n + chunk.batch_index, "text": chunk.text,

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from textgen_api.config import ApiConfig
-from textgen_api.ensemble import chunks, require, results, sse
+from textgen_api.ensemble import chunks, require, results, sse, started
 from textgen_api.errors import ApiError
 from textgen_client import GenerationResult
 
@@ -118,15 +118,16 @@ def router(config: ApiConfig) -> APIRouter:
                     {"generated_text": r.text, **_details(r, seeded)} for r in others]
         return answer
 
-    def stream(request: Request, inputs: str, parameters: dict) -> StreamingResponse:
+    async def stream(request: Request, inputs: str, parameters: dict) -> StreamingResponse:
         params = ensemble_params(parameters, stream=True)
         seeded = bool(parameters.get("do_sample") or parameters.get("seed") is not None)
+        responses = await started(chunks(request.app.state.client, [inputs], VALIDATION,
+                                         stream=True, **params))
 
         async def events():
             text, index = "", 0
             try:
-                async for chunk in chunks(request.app.state.client, [inputs], VALIDATION,
-                                          stream=True, **params):
+                async for chunk in responses:
                     text += chunk.text
                     details = chunk.token_details or [{"id": 0, "text": "", "special": True}]
                     for i, detail in enumerate(details):
@@ -153,7 +154,7 @@ def router(config: ApiConfig) -> APIRouter:
     async def compat(request: Request):
         inputs, parameters, streamed = await body(request)
         if streamed:
-            return stream(request, inputs, parameters)
+            return await stream(request, inputs, parameters)
         return JSONResponse([await generate(request, inputs, parameters)])
 
     @api.post("/generate")
@@ -164,7 +165,7 @@ def router(config: ApiConfig) -> APIRouter:
     @api.post("/generate_stream")
     async def generate_stream_route(request: Request):
         inputs, parameters, _ = await body(request)
-        return stream(request, inputs, parameters)
+        return await stream(request, inputs, parameters)
 
     @api.post("/tokenize")
     async def tokenize(request: Request):

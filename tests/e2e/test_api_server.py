@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +15,7 @@ import urllib.request
 import pytest
 
 from conftest import metric, scrape_metrics
-from server import free_port
+from server import FrontEnd
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-test-model"
@@ -25,35 +23,9 @@ PROMPT = "The quick brown fox"
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
 
-class FrontEnd:
-    def __init__(self, server, *flags: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "textgen_api", "--triton-url", server.grpc_url,
-             "--model-name", MODEL, "--host", "127.0.0.1", "--port", str(self.port), *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.url}/info", timeout=2)
-                return
-            except urllib.error.HTTPError:
-                return  # up (an API key refuses /info)
-            except OSError:
-                if self.process.poll() is not None:
-                    raise RuntimeError(self.process.stdout.read())
-                time.sleep(0.2)
-        raise RuntimeError("the front end did not start")
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def front(tiny_server):
-    api = FrontEnd(tiny_server)
+    api = FrontEnd(tiny_server, "--model-name", MODEL)
     yield api
     api.stop()
 
@@ -116,6 +88,9 @@ def test_openai_async_client_and_errors(front):
         with pytest.raises(openai.BadRequestError, match="max_tokens"):
             await client.chat.completions.create(model=MODEL, messages=MESSAGES,
                                                  max_tokens=100000, temperature=0)
+        with pytest.raises(openai.BadRequestError, match="max_tokens"):  # before the stream
+            await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True,
+                                                 max_tokens=100000, temperature=0)
         with pytest.raises(openai.BadRequestError, match="logit_bias"):
             await client.chat.completions.create(model=MODEL, messages=MESSAGES,
                                                  logit_bias={"5": 1.0})
@@ -151,6 +126,8 @@ def test_tgi_and_lorax_clients_equal_the_ensemble(front, tiny_server, client_for
     assert len(best.details.best_of_sequences) == 1
     with pytest.raises(ValidationError):
         tgi.generate(PROMPT, max_new_tokens=100000)
+    with pytest.raises(ValidationError):  # a 422 status, before any event
+        list(tgi.generate_stream(PROMPT, max_new_tokens=100000))
     lorax = LoraxClient(front.url)
     answer = lorax.generate(PROMPT, max_new_tokens=10, details=True)
     assert answer.generated_text == expected.text
@@ -176,7 +153,7 @@ def test_tokenize_info_health_and_unknown_parameters(front):
 
 
 def test_api_key_cors_and_payload_limit(tiny_server):
-    api = FrontEnd(tiny_server, "--api-key", "s3cret", "--cors-allow-origin",
+    api = FrontEnd(tiny_server, "--model-name", MODEL, "--api-key", "s3cret", "--cors-allow-origin",
                    "https://app.example", "--payload-limit", "2000")
     try:
         for path, payload in (("/generate", {"inputs": PROMPT}), ("/", {"inputs": PROMPT}),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import settled_metrics
+from server import FrontEnd
 
 pytestmark = pytest.mark.e2e
 
@@ -71,3 +72,30 @@ def test_bench_serving_smoke(tiny_server, tiny_model_dir, genai_perf, tmp_path, 
     assert summary["itl_ms"]["avg"] > 0 and summary["tokens_per_second"] > 0
     if tool == "perf_analyzer":   # counted from the responses (genai-perf re-tokenizes text)
         assert summary["output_tokens"] == OUTPUT_TOKENS
+
+
+def test_genai_perf_chat_against_the_front_end(tiny_server, tiny_model_dir, genai_perf,
+                                               tmp_path):
+    """genai-perf --endpoint-type chat (OpenAI's API) through the REST front end."""
+    before = settled_metrics(tiny_server)
+    front_end = FrontEnd(tiny_server, "--model-name", "tiny")
+    try:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "bench_serving.py"), "--endpoint-type",
+             "chat", "--model", "tiny", "--genai-perf", str(genai_perf), "--url", front_end.url,
+             "--tokenizer", str(tiny_model_dir), "--concurrency", "2", "--input-tokens", "16",
+             "--output-tokens", str(OUTPUT_TOKENS), "--measurement-interval", "500",
+             "--artifact-dir", str(tmp_path / "artifacts"), "--json",
+             str(tmp_path / "summary.json")], capture_output=True, text=True, timeout=300)
+    finally:
+        front_end.stop()
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    after = settled_metrics(tiny_server)
+    # its max_tokens and ignore_eos reached the engine: every request made exactly that many
+    served = (after.get("tgi_request_generated_tokens_count", 0)
+              - before.get("tgi_request_generated_tokens_count", 0))
+    assert served >= summary["requests"] > 0
+    assert (after["tgi_request_generated_tokens_sum"]
+            - before.get("tgi_request_generated_tokens_sum", 0)) == OUTPUT_TOKENS * served
+    assert 0 < summary["ttft_ms"]["avg"] < summary["latency_ms"]["avg"]
