@@ -29,6 +29,7 @@ from textgen_backend.models import build_model, model_class
 from textgen_backend.sampling.params import SamplingParams, StoppingParams
 from textgen_backend.weights.quantization import resolve_quant_config
 from textgen_backend.engine.scheduler import Scheduler, SchedulerOutput, StepOutput
+from textgen_backend.engine.faults import OOM_CAP_STEPS, FaultInjector, is_out_of_memory
 from textgen_backend.engine.sequence import Sequence
 from textgen_backend.speculation.medusa import load_medusa
 from textgen_backend.speculation.speculator import Speculator
@@ -87,6 +88,8 @@ class Engine:
         self.scheduler = Scheduler(self.limits, self.block_manager, eos, self.adapters,
                                    self.prompts, self.grammars)
         self.speculator = self._speculator()
+        self.faults = FaultInjector.from_env()  # tests only (faults.py)
+        self._good_steps = 0
         self._aborted: list[StepOutput] = []
         self.last_step: StepStats | None = None   # the latest step(), if it ran the model
         # What a newcomer waits for, part by part (the launcher logs tritonserver's total).
@@ -304,6 +307,42 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborted)
 
+    def _recover(self, out: SchedulerOutput, exc: Exception) -> list[StepOutput]:
+        """After a step that raised: out of memory, the newest half of its sequences wait to be
+        recomputed; otherwise (or for a lone sequence) exactly its sequences fail."""
+        if is_out_of_memory(exc):
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(out.seqs) > 1:
+                preempted = self.scheduler.shrink_after_oom(out.seqs)
+                self._good_steps = 0
+                logger.warning("[textgen] a step of %d sequences ran out of memory: %d wait to "
+                               "be recomputed, the batch is capped at %d", len(out.seqs),
+                               preempted, self.scheduler.oom_batch_cap)
+                return []
+            error = f"generation failed: out of memory for this sequence alone ({exc})"
+        else:
+            error = f"generation failed: {type(exc).__name__}: {exc}"
+        logger.error("[textgen] a step of %d sequences failed: %s", len(out.seqs), error,
+                     exc_info=exc)
+        outputs = []
+        for seq in out.seqs:
+            self.scheduler.abort(seq.seq_id, "error")
+            outputs.append(StepOutput(seq.seq_id, [], "error", error))
+        return outputs
+
+    def _lift_oom_cap(self) -> None:
+        """After OOM_CAP_STEPS good steps an out-of-memory cap on the batch doubles, and goes
+        once it no longer binds."""
+        if self.scheduler.oom_batch_cap is None:
+            return
+        self._good_steps += 1
+        if self._good_steps >= OOM_CAP_STEPS:
+            self._good_steps = 0
+            cap = 2 * self.scheduler.oom_batch_cap
+            busy = len(self.scheduler.running) + len(self.scheduler.waiting)
+            self.scheduler.oom_batch_cap = None if cap >= busy else cap
+
     def fail_all(self, error: str) -> list[StepOutput]:
         """Finishes every sequence with an error (a failed step, or shutdown)."""
         seq_ids = [s.seq_id for s in list(self.scheduler.waiting) + self.scheduler.running]
@@ -346,8 +385,16 @@ class Engine:
                 sum(scheduled.num_new_tokens) if scheduled.is_prefill
                 else len(scheduled.seqs), scheduled.is_prefill and was_running)
             forward_started = time.perf_counter()
-            result = self.runner.execute(scheduled)
+            try:
+                if self.faults is not None:
+                    self.faults.before_forward()
+                result = self.runner.execute(scheduled)
+            except Exception as exc:  # the step's sequences pay, not the server (faults.py)
+                step.failure = "oom" if is_out_of_memory(exc) else "error"
+                step.total_seconds = time.perf_counter() - started
+                return outputs + self._recover(scheduled, exc)
             forward_done = time.perf_counter()
+            self._lift_oom_cap()
             news = self.scheduler.update(scheduled, result.sampled, result.prompt_logprobs,
                                          result.next_drafts)
             if self.speculator is not None:

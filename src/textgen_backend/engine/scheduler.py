@@ -88,6 +88,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.steps_since_prefill = 0
         self.num_preemptions = 0
+        self.oom_batch_cap: int | None = None  # set by an out-of-memory step, lifted by Engine
         self.num_prefill_limit_hits = 0   # prefills that max_batch_prefill_tokens cut short
 
     def add(self, seq: Sequence) -> None:
@@ -192,9 +193,23 @@ class Scheduler:
 
     # --- internals -------------------------------------------------------------------------
 
+    def _batch_cap(self) -> float:
+        """Most running sequences: --max-batch-size, and the cap an out-of-memory step set."""
+        return min(self.limits.max_batch_size or math.inf, self.oom_batch_cap or math.inf)
+
     def _batch_has_room(self) -> bool:
-        cap = self.limits.max_batch_size
-        return cap is None or len(self.running) < cap
+        return len(self.running) < self._batch_cap()
+
+    def shrink_after_oom(self, seqs: list[Sequence]) -> int:
+        """A step of seqs ran out of device memory: the newest half of them go back to the
+        queue (their KV freed, recomputed later) and the batch is capped at what is left until
+        steps succeed again (Engine). Returns how many were preempted."""
+        newest = [s for s in reversed(self.running) if s in seqs][:len(seqs) // 2]
+        for seq in newest:
+            self.running.remove(seq)
+            self._preempt(seq)
+        self.oom_batch_cap = max(1, len(self.running))
+        return len(newest)
 
     def _min_new_sequences(self) -> int:
         if not self.running or self.steps_since_prefill >= self.limits.max_waiting_tokens:
@@ -244,7 +259,7 @@ class Scheduler:
         it); without it a prompt is prefilled whole within max_batch_prefill_tokens."""
         token_budget = chunk_budget or self.limits.max_batch_prefill_tokens
         free_blocks = self.block_manager.num_free_blocks
-        room = (self.limits.max_batch_size or math.inf) - len(self.running)
+        room = self._batch_cap() - len(self.running)
         chosen: list[Sequence] = []
         bm = self.block_manager
         for seq in self.waiting:

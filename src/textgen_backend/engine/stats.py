@@ -46,3 +46,4 @@ class StepStats:
     forward_seconds: float = 0.0      # runner.execute: step inputs, forward, sampling
     tokproc_seconds: float = 0.0      # scheduler.update: appending tokens, finishing
     total_seconds: float = 0.0
+    failure: str | None = None        # "oom" or "error": the step raised (engine/faults.py)

@@ -180,6 +180,8 @@ class _EngineLoop:
         if not outputs and engine.last_step is None:
             time.sleep(_IDLE_STEP_SECONDS)  # the waiting sequences' adapters are loading
             return True
+        if failure is None and engine.last_step is not None:
+            failure = engine.last_step.failure  # a step the engine recovered from
         self.conn.send(("step", outputs, engine.last_step, engine.stats(), failure))
         return True
 
