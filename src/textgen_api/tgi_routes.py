@@ -184,8 +184,17 @@ def router(config: ApiConfig) -> APIRouter:
 
     @api.get("/health")
     async def health(request: Request):
-        if not await request.app.state.client.is_ready():
+        """As TGI's: the model generates one token. Triton's own readiness cannot turn false
+        when the engine has died or was stopped as stuck; this does (503), so a liveness probe
+        on it restarts the server."""
+        client = request.app.state.client
+        if not await client.is_ready():
             raise ApiError(503, "the ensemble is not ready", "unavailable")
+        try:
+            await results(client, request, ["a"], VALIDATION, max_tokens=1)
+        except ApiError as error:
+            raise ApiError(503, f"the model cannot generate: {error.message}",
+                           "unavailable") from None
         return JSONResponse({})
 
     return api

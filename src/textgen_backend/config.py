@@ -124,6 +124,11 @@ class EngineConfig:
     prefix_caching: bool = flag("Reuse the KV of prompt prefixes that earlier requests computed "
                                 "(blocks full of the same tokens, adapter and soft prompt); "
                                 "--no-prefix-caching recomputes every prompt.", default=True)
+    engine_stall_timeout_s: float = flag("Seconds the engine may go without finishing a step "
+                                         "while requests are in flight before it is declared "
+                                         "stuck: its process is stopped, the requests fail "
+                                         "with that reason and new ones are refused; 0 "
+                                         "disables.", default=120.0)
     block_size: int = flag("Tokens per KV-cache block.", default=16)
     stream_responses_per_second: int = flag(
         "Streamed responses per second shared by all streams: past it, a stream's tokens are "
@@ -228,6 +233,9 @@ class EngineConfig:
             raise ValueError(f"prompt_cache_size_mb must be >= 0, got {self.prompt_cache_size_mb}")
         if not 0 <= self.speculate <= MAX_SPECULATE:
             raise ValueError(f"speculate must be in [0, {MAX_SPECULATE}], got {self.speculate}")
+        if self.engine_stall_timeout_s < 0:
+            raise ValueError(f"engine_stall_timeout_s must be >= 0, got "
+                             f"{self.engine_stall_timeout_s}")
         if self.speculation_max_batch_size < 1:
             raise ValueError(f"speculation_max_batch_size must be >= 1, got "
                              f"{self.speculation_max_batch_size}")

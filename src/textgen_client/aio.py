@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
+import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 
@@ -54,12 +55,10 @@ class AsyncTextgenClient:
 
     async def tokenize(self, text: str) -> tuple[list[int], list[str], list[tuple[int, int]]]:
         """(ids, token strings, [start, end) character offsets) from the tokenizer model."""
-        values = {"text_input": [[text.encode()]], "return_tokens": [[True]],
-                  "return_offsets": [[True]]}
+        arrays = {"text_input": np.array([[text.encode()]], dtype=np.object_),
+                  "return_tokens": np.array([[True]]), "return_offsets": np.array([[True]])}
         inputs = []
-        for name, value in values.items():
-            import numpy as np
-            array = np.array(value, dtype=np.object_ if name == "text_input" else np.bool_)
+        for name, array in arrays.items():
             inputs.append(grpcclient.InferInput(name, list(array.shape),
                                                 "BYTES" if name == "text_input" else "BOOL"))
             inputs[-1].set_data_from_numpy(array)

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import os
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 
 from conftest import settled_metrics
-from server import TritonServer
+from server import FrontEnd, TritonServer
 from textgen_backend.config import EngineConfig
 from textgen_client import TextgenClient, TextgenError
 
@@ -89,5 +92,37 @@ def test_a_lone_sequence_out_of_memory_fails_with_the_cause(tiny_model_dir, tiny
         served = _generate(server, PROMPTS[3], 10)
         assert served.output_ids == tiny_reference.greedy(tiny_reference.encode(PROMPTS[3]), 10)
         assert settled_metrics(server)["textgen_kv_cache_blocks_used"] == 0
+    finally:
+        server.stop()
+
+
+def test_a_stuck_engine_is_stopped_and_its_requests_fail(tiny_model_dir, tmp_path_factory):
+    previous = os.environ.get("TEXTGEN_FAULT_INJECTION")
+    os.environ["TEXTGEN_FAULT_INJECTION"] = "sleep@3:60"  # step 3 hangs for a minute
+    try:
+        server = TritonServer(EngineConfig(dtype="float32", model_id=str(tiny_model_dir),
+                                           max_input_tokens=100, max_total_tokens=160,
+                                           engine_stall_timeout_s=2),
+                              tmp_path_factory.mktemp("stall-server"))
+    finally:
+        if previous is None:
+            del os.environ["TEXTGEN_FAULT_INJECTION"]
+        else:
+            os.environ["TEXTGEN_FAULT_INJECTION"] = previous
+    try:
+        started = time.monotonic()
+        failed = _generate(server, PROMPTS[0], 20)
+        assert isinstance(failed, TextgenError)
+        assert "made no progress for 2s" in str(failed)
+        assert time.monotonic() - started < 30
+        refused = _generate(server, PROMPTS[1], 5)
+        assert isinstance(refused, TextgenError) and "the engine is not running" in str(refused)
+        front_end = FrontEnd(server)  # its /health is what a liveness probe asks
+        try:
+            with pytest.raises(urllib.error.HTTPError) as unhealthy:
+                urllib.request.urlopen(f"{front_end.url}/health", timeout=30)
+            assert unhealthy.value.code == 503
+        finally:
+            front_end.stop()
     finally:
         server.stop()

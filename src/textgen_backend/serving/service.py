@@ -65,6 +65,8 @@ class GenerationService:
         self._num_active = 0          # sequences submitted and not yet finished
         self._next_seq_id = 1
         self._engine_error: str | None = None   # set when the engine process died
+        self._last_step_at = time.monotonic()   # the engine's latest step message (watchdog)
+        self._stalled: str | None = None        # why the watchdog stopped the engine
         self.engine = EngineProcess(config, model_dir, device, self._on_engine_message)
         self._output_thread = threading.Thread(target=self._output_loop, name="textgen-output",
                                                daemon=True)
@@ -98,6 +100,8 @@ class GenerationService:
                 self._request_metrics.refused(inputs, "conc_limit")
                 raise RequestError(f"model is overloaded: {self._num_active} sequences in "
                                    f"flight, max_concurrent_requests is {limit}; retry later")
+            if self._num_active == 0:  # the watchdog counts from the first work, not idleness
+                self._last_step_at = arrival
             self._num_active += len(candidates)
             seq_ids = list(range(self._next_seq_id, self._next_seq_id + len(candidates)))
             self._next_seq_id += len(candidates)
@@ -155,15 +159,17 @@ class GenerationService:
         the metrics publisher (computed on its thread, from this snapshot)."""
         kind = message[0]
         if kind == "step":
+            self._last_step_at = time.monotonic()
             _, outputs, last_step, stats, failure = message
             if outputs:
                 self._results.put(("step", outputs))
             self._publisher.publish(self._engine_metrics.updates(last_step, stats, failure))
         elif kind == "failed":  # the process died: nothing in flight can finish
-            logger.error("[textgen] %s; failing the requests in flight", message[1])
+            reason = self._stalled or message[1]
+            logger.error("[textgen] %s; failing the requests in flight", reason)
             with self._lock:
-                self._engine_error = message[1]
-            self._results.put(("engine_failed", message[1]))
+                self._engine_error = reason
+            self._results.put(("engine_failed", reason))
 
     # --- output thread -------------------------------------------------------------------------
 
@@ -200,6 +206,19 @@ class GenerationService:
                     self._abort(seq_ids, "cancelled")
                 if self._drain_files is not None:
                     self._drain_step(last_poll)
+                self._watch_engine(last_poll)
+
+    def _watch_engine(self, now: float) -> None:
+        """The watchdog: an engine that finished no step for engine_stall_timeout_s while
+        requests are in flight is stopped; its death fails them and refuses new ones."""
+        timeout = self.config.engine_stall_timeout_s
+        if (not timeout or self._stalled or self._num_active == 0
+                or now - self._last_step_at < timeout):
+            return
+        self._stalled = (f"the engine made no progress for {timeout:g}s with requests in "
+                         f"flight (engine_stall_timeout_s) and was stopped")
+        logger.error("[textgen] %s", self._stalled)
+        self.engine.process.kill()
 
     def _deliver(self, result: ProcessResult) -> None:
         for sink, response, error, final in result.sends:
