@@ -9,7 +9,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 
-from textgen_client.client import GenerationChunk, TextgenError, build_inputs, chunk_from_result
+from textgen_client.client import GenerationChunk, TextgenError, build_inputs, parse_response
 
 
 class AsyncTextgenClient:
@@ -43,11 +43,10 @@ class AsyncTextgenClient:
                 if error is not None:
                     finished = True
                     raise TextgenError(str(error))
-                final = result.get_response().parameters["triton_final_response"].bool_param
-                if result.as_numpy("text_output") is not None:
-                    yield chunk_from_result(result)
-                if final:
-                    finished = True
+                chunk, finished = parse_response(result)
+                if chunk is not None:
+                    yield chunk
+                if finished:
                     return
         finally:
             if not finished:

@@ -76,11 +76,10 @@ class TextgenClient:
                 if error is not None:
                     finished = True
                     raise TextgenError(str(error))
-                final = result.get_response().parameters["triton_final_response"].bool_param
-                if result.as_numpy("text_output") is not None:
-                    yield chunk_from_result(result)
-                if final:
-                    finished = True
+                chunk, finished = parse_response(result)
+                if chunk is not None:
+                    yield chunk
+                if finished:
                     return
         finally:
             self._client.stop_stream(cancel_requests=not finished)
@@ -146,6 +145,14 @@ def build_inputs(prompts: list[str], **params) -> list[grpcclient.InferInput]:
         infer_input.set_data_from_numpy(array)
         inputs.append(infer_input)
     return inputs
+
+
+def parse_response(result) -> tuple[GenerationChunk | None, bool]:
+    """(its chunk, or None for the empty final response; whether it is the request's last) of
+    one streamed ensemble response."""
+    final = result.get_response().parameters["triton_final_response"].bool_param
+    return (chunk_from_result(result) if result.as_numpy("text_output") is not None else None,
+            final)
 
 
 def chunk_from_result(result) -> GenerationChunk:

@@ -23,12 +23,12 @@ PROMPTS = ["The quick brown fox", "Paris is", "streams of tokens", "hello world"
            "one two three", "a red ball"]
 
 
-def _server(tiny_model_dir, tmp_path_factory, faults: str) -> TritonServer:
+def _server(tiny_model_dir, tmp_path_factory, faults: str, **config) -> TritonServer:
     previous = os.environ.get("TEXTGEN_FAULT_INJECTION")
     os.environ["TEXTGEN_FAULT_INJECTION"] = faults  # the engine process inherits it
     try:
         return TritonServer(EngineConfig(dtype="float32", model_id=str(tiny_model_dir),
-                                         max_input_tokens=100, max_total_tokens=160),
+                                         max_input_tokens=100, max_total_tokens=160, **config),
                             tmp_path_factory.mktemp("faults-server"))
     finally:
         if previous is None:
@@ -97,18 +97,8 @@ def test_a_lone_sequence_out_of_memory_fails_with_the_cause(tiny_model_dir, tiny
 
 
 def test_a_stuck_engine_is_stopped_and_its_requests_fail(tiny_model_dir, tmp_path_factory):
-    previous = os.environ.get("TEXTGEN_FAULT_INJECTION")
-    os.environ["TEXTGEN_FAULT_INJECTION"] = "sleep@3:60"  # step 3 hangs for a minute
-    try:
-        server = TritonServer(EngineConfig(dtype="float32", model_id=str(tiny_model_dir),
-                                           max_input_tokens=100, max_total_tokens=160,
-                                           engine_stall_timeout_s=2),
-                              tmp_path_factory.mktemp("stall-server"))
-    finally:
-        if previous is None:
-            del os.environ["TEXTGEN_FAULT_INJECTION"]
-        else:
-            os.environ["TEXTGEN_FAULT_INJECTION"] = previous
+    # step 3 hangs for a minute
+    server = _server(tiny_model_dir, tmp_path_factory, "sleep@3:60", engine_stall_timeout_s=2)
     try:
         started = time.monotonic()
         failed = _generate(server, PROMPTS[0], 20)

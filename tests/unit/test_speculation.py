@@ -214,10 +214,13 @@ def test_preemption_with_drafts_still_gives_the_same_outputs(model_dir, hf, monk
     assert stats.kv_blocks_used == 0
 
 
+FIRST_PROMPT = [5, 9, 17, 33]
+
+
 def _first_tokens(model_dir, speculate: int, seeds: range, stats: dict | None = None) -> Counter:
     """How often each (t1, t2, t3) came first over the seeds, sampled at temperature 0.8."""
     engine = _engine(model_dir, speculate=speculate, speculation_max_batch_size=len(seeds))
-    seqs = [Sequence(seed, [5, 9, 17, 33], SamplingParams(do_sample=True, temperature=0.8,
+    seqs = [Sequence(seed, FIRST_PROMPT, SamplingParams(do_sample=True, temperature=0.8,
                                                           seed=seed),
                      StoppingParams(max_tokens=3, ignore_eos=True)) for seed in seeds]
     _run(engine, seqs)
@@ -240,16 +243,20 @@ def _chi_square_p(expected: Counter, observed: Counter) -> float:
                                          torch.tensor(statistic / 2, dtype=torch.float64)))
 
 
-def test_sampled_tokens_keep_their_distribution(model_dir, monkeypatch):
+def _draft_greedy_continuation(monkeypatch, hf) -> None:
+    """Drafts what greedy decoding of FIRST_PROMPT continues with, at whatever position."""
+    greedy = _hf_greedy(hf, FIRST_PROMPT, 3)
+    monkeypatch.setattr(speculator_module, "propose_ngram", lambda histories, n: [
+        greedy[len(h) - len(FIRST_PROMPT):][:n] for h in histories])
+
+
+def test_sampled_tokens_keep_their_distribution(model_dir, hf, monkeypatch):
     """Greedy drafts under sampling at temperature 0.8: the first three tokens over 800 seeds
     are distributed as without drafts (chi-square, p > 0.01) -- and the second test shows the
     check fails for an acceptance rule that keeps every draft."""
     seeds = range(800)
     plain = _first_tokens(model_dir, 0, seeds)
-    greedy = _hf_greedy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                        [5, 9, 17, 33], 3)
-    monkeypatch.setattr(speculator_module, "propose_ngram",
-                        lambda histories, n: [greedy[len(h) - 4:][:n] for h in histories])
+    _draft_greedy_continuation(monkeypatch, hf)
     engine_stats = {}
     drafted = _first_tokens(model_dir, 2, seeds, engine_stats)
     assert engine_stats["accepted"] > 20  # of 800 one-token drafts (a flat random model)
@@ -257,13 +264,10 @@ def test_sampled_tokens_keep_their_distribution(model_dir, monkeypatch):
     assert drafted == plain  # seeded sampling: the same draw per seed, drafts or not
 
 
-def test_a_biased_acceptance_rule_fails_the_distribution_check(model_dir, monkeypatch):
+def test_a_biased_acceptance_rule_fails_the_distribution_check(model_dir, hf, monkeypatch):
     seeds = range(800)
     plain = _first_tokens(model_dir, 0, seeds)
-    greedy = _hf_greedy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                        [5, 9, 17, 33], 3)
-    monkeypatch.setattr(speculator_module, "propose_ngram",
-                        lambda histories, n: [greedy[len(h) - 4:][:n] for h in histories])
+    _draft_greedy_continuation(monkeypatch, hf)
     accept = Scheduler._accept
 
     def keep_every_draft(self, seq, drafts, sampled, rows):
