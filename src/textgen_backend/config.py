@@ -129,6 +129,12 @@ class EngineConfig:
                                          "stuck: its process is stopped, the requests fail "
                                          "with that reason and new ones are refused; 0 "
                                          "disables.", default=120.0)
+    exit_on_engine_failure: bool = flag("When the engine process dies or the watchdog stops "
+                                        "it: fail the requests in flight, then shut "
+                                        "tritonserver down (readiness turns false, the process "
+                                        "exits) so that an orchestrator restarts it, as TGI "
+                                        "exits when a shard dies; --no-exit-on-engine-failure "
+                                        "keeps it up, refusing new requests.", default=True)
     block_size: int = flag("Tokens per KV-cache block.", default=16)
     stream_responses_per_second: int = flag(
         "Streamed responses per second shared by all streams: past it, a stream's tokens are "

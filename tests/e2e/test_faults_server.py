@@ -97,8 +97,10 @@ def test_a_lone_sequence_out_of_memory_fails_with_the_cause(tiny_model_dir, tiny
 
 
 def test_a_stuck_engine_is_stopped_and_its_requests_fail(tiny_model_dir, tmp_path_factory):
-    # step 3 hangs for a minute
-    server = _server(tiny_model_dir, tmp_path_factory, "sleep@3:60", engine_stall_timeout_s=2)
+    # step 3 hangs for a minute; the server stays up to refuse (the default stops it:
+    # tests/e2e/test_engine_process.py)
+    server = _server(tiny_model_dir, tmp_path_factory, "sleep@3:60", engine_stall_timeout_s=2,
+                     exit_on_engine_failure=False)
     try:
         started = time.monotonic()
         failed = _generate(server, PROMPTS[0], 20)
@@ -114,5 +116,8 @@ def test_a_stuck_engine_is_stopped_and_its_requests_fail(tiny_model_dir, tmp_pat
             assert unhealthy.value.code == 503
         finally:
             front_end.stop()
+        assert server.is_alive()
+        metrics = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+        assert 'tgi_request_failure{err="generate"' in metrics
     finally:
         server.stop()

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
+import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -178,7 +181,7 @@ class GenerationService:
         while True:
             messages = self._drain(self._results, block=True, timeout=_CANCEL_POLL_SECONDS)
             step_outputs = []
-            stopping = False
+            stopping = engine_failed = False
             for message in messages:
                 kind = message[0]
                 if kind == "register":
@@ -190,11 +193,14 @@ class GenerationService:
                 elif kind == "engine_failed":
                     step_outputs += [StepOutput(seq_id, [], "error", message[1])
                                      for seq_id in self.outputs.requests]
+                    engine_failed = True
                 else:
                     stopping = True
             if step_outputs:
                 self._request_metrics.tokens_arrived(step_outputs)
                 self._deliver(self.outputs.process(step_outputs))
+            if engine_failed and self.config.exit_on_engine_failure:
+                _stop_tritonserver()  # after the requests in flight got their errors
             if stopping:
                 return
             if time.monotonic() - last_poll >= _CANCEL_POLL_SECONDS:
@@ -266,3 +272,21 @@ class GenerationService:
         except queue.Empty:
             pass
         return items
+
+
+def _stop_tritonserver() -> None:
+    """Sends tritonserver (this stub's parent) SIGTERM: it stops answering ready, lets what is
+    in flight finish and exits. A Python-backend model cannot turn Triton's readiness false
+    otherwise (Triton 2.51 reports a model ready while its stub is dead)."""
+    parent = os.getppid()
+    try:
+        name = Path(f"/proc/{parent}/comm").read_text().strip()
+    except OSError:
+        name = "?"
+    if name != "tritonserver":
+        logger.error("[textgen] the engine failed but this process's parent is %r, not "
+                     "tritonserver: not stopping it", name)
+        return
+    logger.error("[textgen] the engine failed: stopping tritonserver so that it is restarted "
+                 "(exit_on_engine_failure)")
+    os.kill(parent, signal.SIGTERM)
