@@ -13,7 +13,7 @@ BENCH_URL ?= localhost:8001
 BENCH_ARGS ?=
 
 .PHONY: install serve test test-unit test-gpu demo-model bench-tools bench-serving bench-online \
-	lock check-latest clean
+	lock check-latest image clean
 
 install: $(VENV)/.installed
 
@@ -65,6 +65,21 @@ bench-serving: bench-tools
 # TTFT / inter-token / end-to-end latency p50 and p99 per rate, a latency-throughput plot.
 bench-online: install
 	$(BIN)/python bench/bench_online.py --url $(BENCH_URL) $(BENCH_ARGS)
+
+# The container image (deploy/Dockerfile, docs/deployment.md): IMAGE_TORCH=cpu or cuda, built with
+# docker, or podman where no docker daemon answers. The locked CPU torch comes from TORCH_WHEELS
+# when that directory exists (CI machines' /opt/wheels), else from PyTorch's CPU index; PIP_CERT,
+# a CA bundle for a TLS-inspecting proxy, reaches pip as a build secret.
+IMAGE_TORCH ?= cpu
+IMAGE ?= textgen:$(IMAGE_TORCH)
+CONTAINER_ENGINE ?= $(shell docker info > /dev/null 2>&1 && echo docker || \
+	(command -v podman > /dev/null && echo podman) || echo docker)
+TORCH_WHEELS ?= $(wildcard /opt/wheels)
+CA_SECRET = --secret id=ca-bundle,src=$(PIP_CERT)
+image:
+	$(CONTAINER_ENGINE) build -f deploy/Dockerfile --build-arg TORCH=$(IMAGE_TORCH) \
+		$(if $(TORCH_WHEELS),--build-context wheels=$(TORCH_WHEELS) --build-arg TORCH_INDEX=) \
+		$(if $(PIP_CERT),$(CA_SECRET)) -t $(IMAGE) .
 
 # Regenerates requirements/*.lock (exact versions and hashes) with a pinned uv, from
 # pyproject.toml and requirements/*.in. Run it deliberately, then `make test` and commit the locks.

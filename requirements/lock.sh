@@ -41,3 +41,16 @@ compile bench-deps.tmp -o bench.lock
 compile --no-deps bench.in -o genai-perf.tmp
 awk '/^genai-perf==/{keep=1; print; next} /^[^ ]/{keep=0} keep' genai-perf.tmp >> bench.lock
 rm bench-deps.tmp genai-perf.tmp
+# The container images (deploy/Dockerfile): the server's runtime dependencies without the test
+# extra, at the versions locked above, with the CPU torch (image-cpu.lock) or the CUDA one from
+# PyPI with its nvidia-* libraries (image-cuda.lock; setuptools is left free for it: torch 2.11
+# wants <82); tritonserver's wheel appended without its dependencies, as in server.lock.
+grep -h '^[a-z].*==' server.lock torch-cpu.lock | sed 's/ .*//' > pins.tmp
+compile ../pyproject.toml torch-cpu.in -c pins.tmp -o image-cpu.lock
+grep -v -e '^setuptools==' -e '^torch==' pins.tmp > pins-cuda.tmp
+compile ../pyproject.toml torch-cuda.in -c pins-cuda.tmp -o image-cuda.lock
+compile --no-deps tritonserver.in -o tritonserver.tmp
+for lock in image-cpu.lock image-cuda.lock; do
+  sed -n '/^nvidia-pytriton==/,$p' tritonserver.tmp >> "$lock"
+done
+rm pins.tmp pins-cuda.tmp tritonserver.tmp

@@ -48,6 +48,9 @@ class DrainFiles:
         return self._done.exists()
 
     def clear(self) -> None:
-        """Forgets a previous run's drain (a repository rendered again, a model reloaded)."""
+        """Forgets a previous run's drain (a repository rendered again, a model reloaded). Only
+        files that exist: a repository mounted read-only (Kubernetes, KServe) has none, and
+        unlinking there fails even for a missing file."""
         for path in (self._request, self._done):
-            path.unlink(missing_ok=True)
+            if path.exists():
+                path.unlink()
