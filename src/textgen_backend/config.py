@@ -22,7 +22,9 @@ def default_cache_root() -> Path:
     $TEXTGEN_CACHE, or ~/.cache/textgen."""
     return Path(os.environ.get("TEXTGEN_CACHE") or Path.home() / ".cache" / "textgen")
 
-QUANTIZE = ("gptq", "awq")
+# gptq / awq: checkpoints quantized beforehand (weights/quantization.py); the rest quantize a
+# dense checkpoint on the fly (quantization/schemes.py).
+QUANTIZE = ("gptq", "awq", "eetq", "fp8", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4")
 ADAPTER_SOURCES = ("hub", "local")
 LOAD_FORMATS = ("safetensors", "pt", "dummy")
 # Drafts per step: verification costs (N + 1) query rows per sequence; past ~8 the acceptance
@@ -74,8 +76,12 @@ class EngineConfig:
                             choices=LOAD_FORMATS)
     quantize: str | None = flag("Serve a 4-bit (or 8-bit GPTQ) checkpoint: \"gptq\" or \"awq\" "
                                 "(its quantization_config must agree; a GPTQ / AWQ checkpoint is "
-                                "recognized without the flag too). With --load-format dummy: "
-                                "random 4-bit weights, groups of 128.", choices=QUANTIZE)
+                                "recognized without the flag too; with --load-format dummy: "
+                                "random 4-bit weights, groups of 128). Or quantize a dense "
+                                "checkpoint when loading it: \"eetq\" (int8 per channel), "
+                                "\"fp8\" (e4m3 weights and activations), \"bitsandbytes\" "
+                                "(LLM.int8), \"bitsandbytes-nf4\", \"bitsandbytes-fp4\".",
+                                choices=QUANTIZE)
     dtype: str | None = flag("Weights and activations dtype. Default: float32 on the CPU, "
                              "the checkpoint's float16/bfloat16 on a GPU (else bfloat16).",
                              choices=DTYPES)

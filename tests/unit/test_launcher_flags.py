@@ -61,8 +61,9 @@ def test_flags_and_env_vars(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("argv, env, message", [
-    (["--quantize", "eetq"], {}, "argument --quantize: invalid choice: 'eetq' (choose from "
-                                 "'gptq', 'awq')"),
+    (["--quantize", "marlin"], {}, "argument --quantize: invalid choice: 'marlin' (choose "
+                                   "from 'gptq', 'awq', 'eetq', 'fp8', 'bitsandbytes', "
+                                   "'bitsandbytes-nf4', 'bitsandbytes-fp4')"),
     (["--dtype", "int3"], {}, "argument --dtype: invalid choice: 'int3'"),
     (["--sharded", "maybe"], {}, "argument --sharded: invalid choice: 'maybe' (choose from "
                                  "'true', 'false')"),
@@ -104,7 +105,9 @@ def test_help_reads_like_tgi():
             "          HTTP port (KServe v2 and the generate endpoints).\n\n"
             "          [env: HTTP_PORT=]\n          [env: PORT=]\n          [default: 8000]\n"
             ) in text
-    assert "      --quantize <QUANTIZE>\n" in text and "[possible values: gptq, awq]" in text
+    assert "      --quantize <QUANTIZE>\n" in text and ("[possible values: gptq, awq, eetq, "
+                                                      "fp8, bitsandbytes, bitsandbytes-nf4, "
+                                                      "bitsandbytes-fp4]") in text
     assert "      --trust-remote-code\n" in text and "[env: TLS_CLIENT_CA_CERT_PATH=]" in text
 
 

@@ -185,8 +185,10 @@ def test_unsupported_configs_are_refused_clearly(tmp_path, qconfig, message):
 
 def test_engine_config_quantize_flag():
     assert EngineConfig(quantize="gptq").quantize == "gptq"
-    with pytest.raises(ValueError, match="quantize must be one of gptq, awq .*'eetq'"):
-        EngineConfig(quantize="eetq")
+    assert EngineConfig(quantize="bitsandbytes-nf4").quantize == "bitsandbytes-nf4"
+    with pytest.raises(ValueError, match="quantize must be one of gptq, awq, eetq, fp8, "
+                                         "bitsandbytes, .*'marlin'"):
+        EngineConfig(quantize="marlin")
 
 
 # --- the engine against transformers on the dequantized weights ----------------------------

@@ -27,6 +27,7 @@ from textgen_backend.models.config import ModelConfig
 from textgen_backend.engine.model_runner import ModelRunner
 from textgen_backend.models import build_model, model_class
 from textgen_backend.sampling.params import SamplingParams, StoppingParams
+from textgen_backend.quantization.schemes import ON_THE_FLY, quantize_projections
 from textgen_backend.weights.quantization import resolve_quant_config
 from textgen_backend.engine.scheduler import Scheduler, SchedulerOutput, StepOutput
 from textgen_backend.engine.faults import OOM_CAP_STEPS, FaultInjector, is_out_of_memory
@@ -115,7 +116,13 @@ class Engine:
 
     def _load_model(self, model_dir: Path):
         ops = select_ops(self.device, self.config.disable_custom_kernels)
-        quant = resolve_quant_config(model_dir, self.config.quantize, self.config.load_format)
+        on_the_fly = self.config.quantize if self.config.quantize in ON_THE_FLY else None
+        quant = resolve_quant_config(model_dir, None if on_the_fly else self.config.quantize,
+                                     self.config.load_format)
+        if on_the_fly and quant is not None:
+            raise ValueError(f"--quantize {on_the_fly} quantizes a dense checkpoint while loading "
+                             f"it, but {model_dir} is already {quant.method}-quantized (serve it "
+                             f"with --quantize {quant.method})")
         if quant is not None:
             logger.info("[textgen] %s: %d bits, group_size %d, desc_act %s, format %s",
                         quant.method, quant.bits, quant.group_size, quant.desc_act,
@@ -130,6 +137,8 @@ class Engine:
         if self.config.load_format != "dummy":
             weights_dir = Path(self.config.weights_cache_override or model_dir)
             model.load_weights(iterate_weights(weights_dir, self.config.load_format))
+        if on_the_fly:
+            quantize_projections(model, on_the_fly)
         return model.eval()
 
     def _adapter_residency(self, model) -> AdapterResidency | None:

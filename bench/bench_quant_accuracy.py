@@ -1,0 +1,88 @@
+"""What each quantization costs in accuracy (issue 18): the demo model (SmolLM2-135M-Instruct;
+`--demo DIR`, default `textgen demo-model`) over a fixed text of at least 2,000 tokens (the
+CPython LICENSE.txt the interpreter ships), teacher-forced in one pass. Against the float32
+model: the mean KL divergence of the next-token distributions, and each variant's perplexity.
+
+Variants: bfloat16 weights and activations; int4 round-to-nearest with groups of 64 (what a
+GPTQ/AWQ kernel reads, here without GPTQ's calibration: an upper bound on their error; 64 as
+the demo model's hidden size, 576, is no multiple of 128); each
+--quantize scheme that quantizes on the fly, with quantization/formats.py's numbers (the same
+code the server runs), in float32 activations. Runs on the CPU in a few minutes.
+
+    python bench/bench_quant_accuracy.py [--demo DIR] [--tokens 2048]
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from common import print_table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from on_the_fly_reference import quantize_reference  # noqa: E402
+from textgen_backend.quantization.schemes import ON_THE_FLY  # noqa: E402
+
+
+def fixed_text() -> str:
+    return (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
+
+
+def int4_rtn(model, group_size: int = 64):
+    """Symmetric 4-bit round-to-nearest per group of inputs, dequantized in place."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head":
+            w = module.weight.data.float()
+            n, k = w.shape
+            groups = w.reshape(n, k // group_size, group_size)
+            scale = groups.abs().amax(dim=2, keepdim=True).clamp(min=1e-12) / 7
+            module.weight.data = (torch.round(groups / scale).clamp(-8, 7) * scale).reshape(n, k)
+    return model
+
+
+def log_probs(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(ids[None]).logits[0].float(), dim=-1)
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--demo", help="the demo model's directory")
+    parser.add_argument("--tokens", type=int, default=2048)
+    args = parser.parse_args()
+    demo = args.demo or subprocess.run([sys.executable, "-m", "textgen_backend.cli.textgen",
+                                        "demo-model"], capture_output=True, text=True,
+                                       check=True).stdout.strip().splitlines()[-1]
+    ids = torch.tensor(AutoTokenizer.from_pretrained(demo)(fixed_text())["input_ids"][
+        :args.tokens])
+    if len(ids) < 2000:
+        raise SystemExit(f"the fixed text has {len(ids)} tokens, fewer than 2,000")
+
+    def load(dtype=torch.float32):
+        return AutoModelForCausalLM.from_pretrained(demo, dtype=dtype).eval()
+
+    reference = log_probs(load(), ids)
+    targets = ids[1:]
+    variants = {"float32": load, "bfloat16": lambda: load(torch.bfloat16),
+                "int4 RTN g64 (gptq/awq)": lambda: int4_rtn(load())}
+    for scheme in ON_THE_FLY:
+        variants[scheme] = lambda scheme=scheme: quantize_reference(load(), scheme)
+    rows = []
+    for name, build in variants.items():
+        lp = reference if name == "float32" else log_probs(build(), ids)
+        kl = (reference.exp() * (reference - lp)).sum(-1)[:-1].mean().item()
+        nll = -lp[:-1].gather(1, targets[:, None]).mean().item()
+        rows.append([name, f"{kl:.4f}", f"{torch.tensor(nll).exp().item():.2f}"])
+    print(f"{len(ids)} tokens of CPython's LICENSE.txt; model {demo}")
+    print_table("Accuracy against float32 (teacher-forced)",
+                ["variant", "mean KL(fp32 || variant)", "perplexity"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""quantization/: the bitsandbytes formats byte for byte against the bitsandbytes library (its
+CPU/default path), LLM.int8()'s matmul against the library's functions, the int8 and fp8
+round-trip bounds, and the engine with each --quantize scheme token-exact against transformers
+quantized the same way (tests/on_the_fly_reference.py)."""
+from __future__ import annotations
+
+import bitsandbytes.functional as bnb_functional
+import pytest
+import torch
+
+from on_the_fly_reference import greedy, quantize_reference
+from textgen_backend.config import EngineConfig
+from textgen_backend.engine.engine import Engine
+from textgen_backend.engine.sequence import Sequence
+from textgen_backend.quantization import formats
+from textgen_backend.quantization.schemes import ON_THE_FLY
+from textgen_backend.sampling.params import SamplingParams, StoppingParams
+from tiny_models import build_tiny_model
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(96, 160), (10, 41)])  # the second ends in a partial block
+def test_4bit_storage_is_bitsandbytes(quant_type, shape):
+    torch.manual_seed(0)
+    w = torch.randn(shape) * 0.05
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=64, compress_statistics=False,
+                                                 quant_type=quant_type)
+    ours = formats.quantize_4bit(w, quant_type)
+    assert torch.equal(ours.data, packed.flatten())
+    assert torch.equal(ours.absmax, state.absmax)
+    codes = torch.stack([packed.flatten() >> 4, packed.flatten() & 0xF], 1).flatten()
+    table = bnb_functional.get_4bit_type(quant_type, device="cpu")
+    n = w.numel()
+    expected = table[codes[:n].long()] * state.absmax.repeat_interleave(64)[:n]
+    assert torch.equal(formats.dequantize_4bit(ours, quant_type).flatten(), expected)
+
+
+def test_int8_storage_and_llm_int8_matmul_are_bitsandbytes():
+    torch.manual_seed(0)
+    w = torch.randn(96, 160)
+    cb, scb, _ = bnb_functional.int8_vectorwise_quant(w.clone())
+    ours_cb, ours_scb = formats.bnb_int8_rows(w)
+    assert torch.equal(ours_cb, cb) and torch.equal(ours_scb, scb)
+    x = torch.randn(7, 160) * 2.5          # some values past the threshold: outlier columns
+    ca, sca, columns = bnb_functional.int8_vectorwise_quant(x.clone(), threshold=6.0)
+    assert columns is not None and len(columns) > 0
+    expected = bnb_functional.int8_mm_dequant(bnb_functional.int8_linear_matmul(ca, cb), sca,
+                                              scb).float()
+    expected += x[:, columns] @ (cb[:, columns].float() * scb[:, None] / 127).T
+    ours = formats.bnb_int8_matmul(x, ours_cb, ours_scb)
+    torch.testing.assert_close(ours, expected, atol=2e-2, rtol=2e-3)  # theirs rounds to fp16
+    assert (ours - x @ w.T).abs().max() < 1.0
+
+
+def test_int8_and_fp8_round_trips_stay_within_their_steps():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    q, scale = formats.quantize_int8_rows(w)
+    assert ((formats.dequantize_int8_rows(q, scale) - w).abs() <= scale[:, None] / 2 + 1e-6).all()
+    q8, scale8 = formats.quantize_fp8_rows(w)
+    back = q8.float() * scale8[:, None]
+    normal = w.abs() >= scale8[:, None] * 2 ** -6         # e4m3's normal range
+    assert ((back - w).abs() <= w.abs() / 16 + 1e-7)[normal].all()   # 3 mantissa bits
+    x = torch.randn(5, 256)
+    error = formats.fp8_matmul(x, q8, scale8) - x @ w.T
+    assert error.norm() / (x @ w.T).norm() < 0.05   # e4m3 on both sides: ~3.5% here
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), "llama")
+
+
+@pytest.mark.parametrize("scheme", ON_THE_FLY)
+def test_the_engine_quantizes_on_the_fly_and_matches_transformers(tiny_model, scheme):
+    from transformers import AutoModelForCausalLM
+
+    engine = Engine(EngineConfig(model_id=str(tiny_model), quantize=scheme,
+                                 max_input_tokens=50, max_total_tokens=100), tiny_model)
+    reference = quantize_reference(AutoModelForCausalLM.from_pretrained(
+        tiny_model, dtype=torch.float32).eval(), scheme)
+    prompts = [[5, 17, 42, 9, 11], list(range(20, 60))]
+    seqs = [Sequence(i, p, SamplingParams(), StoppingParams(max_tokens=16, ignore_eos=True))
+            for i, p in enumerate(prompts)]
+    for seq in seqs:
+        engine.add(seq)
+    while engine.has_work():
+        engine.step()
+    for seq in seqs:
+        assert seq.output_ids == greedy(reference, seq.prompt_ids, 16), scheme
+    quantized = [name for name, m in engine.runner.model.named_modules()
+                 if type(m).__name__ == "OnTheFlyQuantizedLinear"]
+    assert len(quantized) == 4 * 2  # four projections in each of the two layers
+
+
+def test_an_on_the_fly_scheme_refuses_a_prequantized_checkpoint(tiny_model, tmp_path):
+    from quant_checkpoints import write_quantized
+
+    gptq, _ = write_quantized(tiny_model, tmp_path / "gptq", "gptq")
+    with pytest.raises(ValueError, match="already gptq-quantized"):
+        Engine(EngineConfig(model_id=str(gptq), quantize="eetq"), gptq)
