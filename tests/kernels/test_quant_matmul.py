@@ -116,6 +116,25 @@ def test_quantized_linear_kernel_path_equals_reference_path(rand, device):
 
 
 @pytest.mark.unit
+def test_eetq_layer_on_the_kernels_equals_int8_per_channel(rand, device):
+    """--quantize eetq's layer (quantization/linear.py: int8 per channel in this layout, one
+    group, zero 128, float32 scales) on the kernels against x @ (q * scale)^T."""
+    from textgen_backend.layers.ops import TORCH_OPS
+    from textgen_backend.quantization import formats
+    from textgen_backend.quantization.linear import eetq_linear
+
+    with torch.device(device):
+        dense = torch.nn.Linear(128, 64, bias=True)
+    layer = eetq_linear(dense, TORCH_OPS)
+    layer.use_kernels = True
+    weight = formats.dequantize_int8_rows(*formats.quantize_int8_rows(dense.weight.detach()))
+    for m in (1, 5, 40):  # the GEMV and the tiled kernels
+        x = rand(m, 128)
+        expected = x @ weight.T + dense.bias.detach()
+        torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.unit
 def test_bad_arguments_are_refused(rand, device):
     w = random_weight(rand, 64, 32, 32, 4, False, device)
     with pytest.raises(ValueError, match="x must be"):

@@ -91,7 +91,7 @@ def test_the_engine_quantizes_on_the_fly_and_matches_transformers(tiny_model, sc
     for seq in seqs:
         assert seq.output_ids == greedy(reference, seq.prompt_ids, 16), scheme
     quantized = [name for name, m in engine.runner.model.named_modules()
-                 if type(m).__name__ == "OnTheFlyQuantizedLinear"]
+                 if type(m).__name__ in ("OnTheFlyQuantizedLinear", "QuantizedLinear")]
     assert len(quantized) == 4 * 2  # four projections in each of the two layers
 
 

@@ -138,7 +138,7 @@ class Engine:
             weights_dir = Path(self.config.weights_cache_override or model_dir)
             model.load_weights(iterate_weights(weights_dir, self.config.load_format))
         if on_the_fly:
-            quantize_projections(model, on_the_fly)
+            quantize_projections(model, on_the_fly, ops)
         return model.eval()
 
     def _adapter_residency(self, model) -> AdapterResidency | None:

@@ -1,17 +1,37 @@
-"""The layer of a projection quantized on the fly: its weight in one scheme's storage
-(formats.py), its bias in the model dtype. Forward runs the scheme's reference numbers in
-torch on every device for now: weight-only schemes dequantize into the activations' dtype and
-multiply; fp8 and bitsandbytes 8-bit quantize the activations too and compute in float32.
-Our Triton kernels for them (issue 18) will replace these forwards on the GPU."""
+"""The layers of projections quantized on the fly. eetq's int8 per channel is one case of the
+GPTQ kernels' layout (8 bits, one group of all inputs, zero point 128), so it becomes a
+QuantizedLinear and runs textgen_kernels.quant_matmul on the GPU. The other schemes keep their
+own storage (formats.py) in an OnTheFlyQuantizedLinear whose forward runs the scheme's
+reference numbers in torch on every device for now: weight-only ones dequantize into the
+activations' dtype and multiply; fp8 and bitsandbytes 8-bit quantize the activations too and
+compute in float32. Triton kernels for them (issue 18) will replace these forwards on the GPU."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from textgen_backend.layers.ops import Ops
+from textgen_backend.layers.quantized_linear import QuantizedLinear
 from textgen_backend.quantization import formats
+from textgen_backend.weights.quantization import QuantConfig, pack_rows
 
-WEIGHT_ONLY = ("eetq", "bitsandbytes-nf4", "bitsandbytes-fp4")
+WEIGHT_ONLY = ("bitsandbytes-nf4", "bitsandbytes-fp4")
+# eetq in the GPTQ layout: 8 bits, a single group, zero points stored as they are (v2)
+EETQ_LAYOUT = QuantConfig("gptq", bits=8, group_size=-1, sym=True, checkpoint_format="gptq_v2")
+
+
+def eetq_linear(linear: nn.Linear, ops: Ops) -> QuantizedLinear:
+    """int8 per output channel (formats.quantize_int8_rows) as a QuantizedLinear: the stored
+    value is q + 128 with zero point 128, so (stored - zero) * scale is exactly q * scale."""
+    q, scale = formats.quantize_int8_rows(linear.weight.detach())
+    layer = QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                            ops, EETQ_LAYOUT)
+    layer.qweight.copy_(pack_rows((q.to(torch.int32) + 128).T, 8))
+    layer.scales = scale[None, :].to(layer.qweight.device)
+    layer.zeros.fill_(128)
+    layer.bias = linear.bias
+    return layer
 
 
 class OnTheFlyQuantizedLinear(nn.Module):
@@ -22,9 +42,7 @@ class OnTheFlyQuantizedLinear(nn.Module):
         weight = linear.weight.detach()
         self.bias = linear.bias
         self.packed4: formats.Packed4bit | None = None
-        if scheme == "eetq":
-            q, scale = formats.quantize_int8_rows(weight)
-        elif scheme == "bitsandbytes":
+        if scheme == "bitsandbytes":
             q, scale = formats.bnb_int8_rows(weight)
         elif scheme == "fp8":
             q, scale = formats.quantize_fp8_rows(weight)
@@ -42,8 +60,6 @@ class OnTheFlyQuantizedLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the weight-only schemes multiply by (float32): the reference's weight."""
-        if self.scheme == "eetq":
-            return formats.dequantize_int8_rows(self.qweight, self.scale)
         packed = formats.Packed4bit(self.qweight, self.scale,
                                     (self.out_features, self.in_features))
         return formats.dequantize_4bit(packed, self.quant_type)

@@ -7,7 +7,8 @@ import logging
 from torch import nn
 
 from textgen_backend.config import QUANTIZE
-from textgen_backend.quantization.linear import OnTheFlyQuantizedLinear
+from textgen_backend.layers.ops import Ops
+from textgen_backend.quantization.linear import OnTheFlyQuantizedLinear, eetq_linear
 from textgen_backend.weights.quantization import QUANT_METHODS
 
 logger = logging.getLogger("textgen")
@@ -16,7 +17,7 @@ ON_THE_FLY = tuple(q for q in QUANTIZE if q not in QUANT_METHODS)
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
-def quantize_projections(model: nn.Module, scheme: str) -> int:
+def quantize_projections(model: nn.Module, scheme: str, ops: Ops) -> int:
     """Replaces every projection nn.Linear of the model's layers by its quantized form;
     returns how many were replaced."""
     count = 0
@@ -24,7 +25,9 @@ def quantize_projections(model: nn.Module, scheme: str) -> int:
         for name in PROJECTIONS:
             child = getattr(parent, name, None)
             if isinstance(child, nn.Linear):
-                setattr(parent, name, OnTheFlyQuantizedLinear(child, scheme))
+                quantized = (eetq_linear(child, ops) if scheme == "eetq"
+                             else OnTheFlyQuantizedLinear(child, scheme))
+                setattr(parent, name, quantized)
                 count += 1
     logger.info("[textgen] --quantize %s: %d projections quantized on the fly", scheme, count)
     return count
