@@ -64,6 +64,9 @@ def test_int8_and_fp8_round_trips_stay_within_their_steps():
     normal = w.abs() >= scale8[:, None] * 2 ** -6         # e4m3's normal range
     assert ((back - w).abs() <= w.abs() / 16 + 1e-7)[normal].all()   # 3 mantissa bits
     x = torch.randn(5, 256)
+    xq, x_scale = formats.quantize_fp8_rows(x)       # the scaled matmul is that product
+    torch.testing.assert_close(formats.fp8_matmul(x, q8, scale8),
+                               (xq.float() @ q8.float().T) * x_scale[:, None] * scale8[None, :])
     error = formats.fp8_matmul(x, q8, scale8) - x @ w.T
     assert error.norm() / (x @ w.T).norm() < 0.05   # e4m3 on both sides: ~3.5% here
 

@@ -127,6 +127,11 @@ def quantize_fp8_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def fp8_matmul(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ W^T with W as (float8 [N, K], scales [N]); x quantized per token. Float32."""
+    """x [M, K] @ W^T with W as (float8 [N, K], scales [N]); x quantized per token. torch's
+    scaled matmul: on a GPU with fp8 tensor cores (Hopper) the native fp8 GEMM, accumulating in
+    float32 and rescaling each row and column; on the CPU the same product. Float32 on the CPU,
+    bfloat16 on a GPU (what row-wise scaling gives there)."""
     xq, x_scale = quantize_fp8_rows(x)
-    return (xq.float() @ wq.float().T) * x_scale[:, None] * w_scale[None, :]
+    out_dtype = torch.bfloat16 if x.is_cuda else torch.float32
+    return torch._scaled_mm(xq, wq.T, scale_a=x_scale[:, None], scale_b=w_scale[None, :],
+                            out_dtype=out_dtype)

@@ -1,10 +1,10 @@
 """The layers of projections quantized on the fly. eetq's int8 per channel is one case of the
 GPTQ kernels' layout (8 bits, one group of all inputs, zero point 128), so it becomes a
 QuantizedLinear and runs textgen_kernels.quant_matmul on the GPU. The other schemes keep their
-own storage (formats.py) in an OnTheFlyQuantizedLinear whose forward runs the scheme's
-reference numbers in torch on every device for now: weight-only ones dequantize into the
-activations' dtype and multiply; fp8 and bitsandbytes 8-bit quantize the activations too and
-compute in float32. Triton kernels for them (issue 18) will replace these forwards on the GPU."""
+own storage (formats.py) in an OnTheFlyQuantizedLinear: fp8 multiplies with torch's scaled
+fp8 matmul (Hopper's fp8 tensor cores on a GPU); the rest run their reference numbers in torch
+on every device for now (NF4 / FP4 dequantize into the activations' dtype and multiply;
+LLM.int8() computes in float32), until Triton kernels replace them on the GPU (issue 18)."""
 from __future__ import annotations
 
 import torch
@@ -45,6 +45,10 @@ class OnTheFlyQuantizedLinear(nn.Module):
         if scheme == "bitsandbytes":
             q, scale = formats.bnb_int8_rows(weight)
         elif scheme == "fp8":
+            if self.in_features % 16 or self.out_features % 16:
+                raise ValueError(f"--quantize fp8 needs projections whose sizes are multiples "
+                                 f"of 16 (fp8 matmuls), got {self.out_features} x "
+                                 f"{self.in_features}")
             q, scale = formats.quantize_fp8_rows(weight)
         elif scheme in ("bitsandbytes-nf4", "bitsandbytes-fp4"):
             self.packed4 = formats.quantize_4bit(weight, self.quant_type)
