@@ -2,9 +2,9 @@
 GPTQ kernels' layout (8 bits, one group of all inputs, zero point 128), so it becomes a
 QuantizedLinear and runs textgen_kernels.quant_matmul on the GPU. The other schemes keep their
 own storage (formats.py) in an OnTheFlyQuantizedLinear: fp8 multiplies with torch's scaled
-fp8 matmul (Hopper's fp8 tensor cores on a GPU); the rest run their reference numbers in torch
-on every device for now (NF4 / FP4 dequantize into the activations' dtype and multiply;
-LLM.int8() computes in float32), until Triton kernels replace them on the GPU (issue 18)."""
+fp8 matmul (Hopper's fp8 tensor cores on a GPU); NF4 / FP4 run textgen_kernels.codebook_matmul
+with our Triton kernels (on the CPU: dequantize into the activations' dtype and multiply);
+LLM.int8() runs its reference in float32 on every device for now (issue 18)."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +15,7 @@ from textgen_backend.layers.ops import Ops
 from textgen_backend.layers.quantized_linear import QuantizedLinear
 from textgen_backend.quantization import formats
 from textgen_backend.weights.quantization import QuantConfig, pack_rows
+from textgen_kernels.codebook_matmul import codebook_matmul
 
 WEIGHT_ONLY = ("bitsandbytes-nf4", "bitsandbytes-fp4")
 # eetq in the GPTQ layout: 8 bits, a single group, zero points stored as they are (v2)
@@ -35,9 +36,10 @@ def eetq_linear(linear: nn.Linear, ops: Ops) -> QuantizedLinear:
 
 
 class OnTheFlyQuantizedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, scheme: str):
+    def __init__(self, linear: nn.Linear, scheme: str, ops: Ops):
         super().__init__()
         self.scheme = scheme
+        self.use_kernels = ops.name == "triton"  # NF4 / FP4: textgen_kernels.codebook_matmul
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.bias = linear.bias
@@ -53,6 +55,10 @@ class OnTheFlyQuantizedLinear(nn.Module):
         elif scheme in ("bitsandbytes-nf4", "bitsandbytes-fp4"):
             self.packed4 = formats.quantize_4bit(weight, self.quant_type)
             q, scale = self.packed4.data, self.packed4.absmax
+            self.register_buffer("code", torch.tensor(formats.CODES[self.quant_type],
+                                                      dtype=torch.float32, device=q.device))
+            # the kernel reads whole blocks within rows
+            self.use_kernels &= self.in_features % formats.BNB_BLOCKSIZE == 0
         else:
             raise ValueError(f"unknown on-the-fly quantization scheme {scheme!r}")
         self.register_buffer("qweight", q)
@@ -69,9 +75,13 @@ class OnTheFlyQuantizedLinear(nn.Module):
         return formats.dequantize_4bit(packed, self.quant_type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scheme in WEIGHT_ONLY:
-            return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
         flat = x.reshape(-1, self.in_features)
+        if self.scheme in WEIGHT_ONLY:
+            if not self.use_kernels:
+                return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+            out = codebook_matmul(flat, self.qweight, self.scale, self.code, self.out_features,
+                                  self.bias)
+            return out.reshape(*x.shape[:-1], self.out_features)
         if self.scheme == "fp8":
             out = formats.fp8_matmul(flat, self.qweight, self.scale)
         else:

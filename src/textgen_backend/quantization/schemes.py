@@ -26,7 +26,7 @@ def quantize_projections(model: nn.Module, scheme: str, ops: Ops) -> int:
             child = getattr(parent, name, None)
             if isinstance(child, nn.Linear):
                 quantized = (eetq_linear(child, ops) if scheme == "eetq"
-                             else OnTheFlyQuantizedLinear(child, scheme))
+                             else OnTheFlyQuantizedLinear(child, scheme, ops))
                 setattr(parent, name, quantized)
                 count += 1
     logger.info("[textgen] --quantize %s: %d projections quantized on the fly", scheme, count)
