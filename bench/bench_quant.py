@@ -1,8 +1,10 @@
 """int4 (GPTQ layout, 4 bits, groups of 128) against our bf16 path on the Llama-3-8B shape, one
-H100, one run: kernel bandwidth of the four projections at batch 1, a sweep of kernel configs
-per batch size (the winners drive the int4 engine below), and decode ms/step of the two engines.
+GPU, one run: kernel bandwidth of the four projections at batch 1, a sweep of kernel configs
+per batch size (the winners drive the int4 engine below), and decode ms/step of bf16 and of
+each --quantize value asked for (the on-the-fly schemes quantize random bf16 weights).
 
     python bench/bench_quant.py [--batches 1,8,32,64] [--context 1024] [--steps 32] [--no-tune]
+                                [--quantize gptq,eetq,fp8,bitsandbytes-nf4]
 
 Random weights: the int4 engine draws packed words on the device (--load-format dummy with
 --quantize gptq); no checkpoint is read.
@@ -209,6 +211,8 @@ def main():
     parser.add_argument("--no-tune", action="store_true")
     parser.add_argument("--tune-budget-s", type=float, default=150)
     parser.add_argument("--save-configs", help="write the chosen configs here (JSON)")
+    parser.add_argument("--quantize", default="gptq",
+                        help="comma-separated --quantize values to time against bf16")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     ceilings = measure_ceilings()
@@ -218,22 +222,27 @@ def main():
         tune(batches, args.tune_budget_s, args.save_configs)
     kernel_table(ceilings)
     bf16, bf16_bytes = engine_decode_ms(None, batches, args.context, args.steps)
-    int4, int4_bytes = engine_decode_ms("gptq", batches, args.context, args.steps)
+    schemes = {q: engine_decode_ms(q, batches, args.context, args.steps)
+               for q in args.quantize.split(",")}
     embed_bytes = 2 * LLAMA3_8B["vocab_size"] * LLAMA3_8B["hidden_size"]  # read: one row each
     rows = []
     for batch in batches:
         ctx = args.context + args.steps // 2
         kv = batch * ctx * kv_bytes_per_token(LLAMA3_8B)
-        floors = [1e3 * (b - embed_bytes + kv) / ceilings["bandwidth"]
-                  for b in (bf16_bytes, int4_bytes)]
-        (b_ms, b_graph), (q_ms, q_graph) = bf16[batch], int4[batch]
-        rows.append([batch, b_ms, b_graph, q_ms, q_graph, f"{b_ms / q_ms:.2f}x",
-                     f"{floors[1]:.2f}", f"{100 * floors[1] / q_ms:.0f}%",
-                     f"{floors[0] / floors[1]:.2f}x"])
-    print_table(f"Decode ms/step, Llama-3-8B shape, context {args.context}: bf16 vs int4 "
-                f"(GPTQ layout, g{GROUP}), both our engine with CUDA graphs",
-                ["batch", "bf16 ms/step", "bf16 graph ms", "int4 ms/step", "int4 graph ms",
-                 "speedup", "int4 floor ms", "int4 % of floor", "roofline speedup"], rows)
+        b_ms, b_graph = bf16[batch]
+        row = [batch, b_ms, b_graph]
+        for results, weight_bytes in schemes.values():
+            floor = 1e3 * (weight_bytes - embed_bytes + kv) / ceilings["bandwidth"]
+            q_ms, _ = results[batch]
+            row += [q_ms, f"{b_ms / q_ms:.2f}x", f"{100 * floor / q_ms:.0f}%"]
+        rows.append(row)
+    headers = ["batch", "bf16 ms/step", "bf16 graph ms"]
+    for name in schemes:
+        headers += [f"{name} ms/step", f"{name} speedup", f"{name} % of floor"]
+    print_table(f"Decode ms/step, Llama-3-8B shape, context {args.context}: bf16 vs "
+                f"{', '.join(schemes)} (gptq: int4 g{GROUP}; the others quantized on the fly), "
+                f"our engine with CUDA graphs; floor = bytes read / measured copy bandwidth",
+                headers, rows)
 
 
 if __name__ == "__main__":

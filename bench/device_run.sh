@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call of the wave-2 benches, from the repository root on the GPU machine:
-#   bash bench/device_run.sh lora grammar prefix mixed profile speculative api
+#   bash bench/device_run.sh lora grammar prefix mixed profile speculative api quant
 # Each bench runs under its own time limit (a call has 600 s), its whole output in $OUT/<name>.txt
 # and its last lines on stdout, so one failing bench still leaves the others' tables.
 . bench/device_env.sh > "$OUT/env.txt" 2>&1
@@ -22,6 +22,8 @@ for bench in "$@"; do
     profile) run profile 170 profile_mixed_step.py ;;
     speculative) run speculative 420 bench_speculative.py --skip real ;;
     api) run api 500 bench_api.py --serve-llama3-8b ;;
+    quant) run quant 560 bench_quant.py --no-tune --batches 1,8,32,64 \
+             --quantize gptq,eetq,fp8,bitsandbytes-nf4 ;;
     *) echo "unknown bench $bench" ;;
   esac
 done
