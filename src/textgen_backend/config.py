@@ -27,6 +27,7 @@ def default_cache_root() -> Path:
 QUANTIZE = ("gptq", "awq", "eetq", "fp8", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4")
 ADAPTER_SOURCES = ("hub", "local")
 LOAD_FORMATS = ("safetensors", "pt", "dummy")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 # Drafts per step: verification costs (N + 1) query rows per sequence; past ~8 the acceptance
 # of any proposer we have is too low to pay for them.
 MAX_SPECULATE = 8
@@ -142,6 +143,11 @@ class EngineConfig:
                                         "exits when a shard dies; --no-exit-on-engine-failure "
                                         "keeps it up, refusing new requests.", default=True)
     block_size: int = flag("Tokens per KV-cache block.", default=16)
+    kv_cache_dtype: str = flag("KV cache dtype: \"auto\" (the model's) or \"fp8\" / "
+                               "\"fp8_e4m3\" (float8 e4m3, values saturating at +-448, no "
+                               "scales: twice the tokens in the same memory; the CPU, or a GPU "
+                               "of compute capability 8.9+) (vLLM's names).", default="auto",
+                               choices=KV_CACHE_DTYPES)
     stream_responses_per_second: int = flag(
         "Streamed responses per second shared by all streams: past it, a stream's tokens are "
         "coalesced into fewer, longer deltas (each response has a fixed cost in Triton: at "
@@ -227,6 +233,9 @@ class EngineConfig:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got "
                              f"{self.load_format!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                             f"{self.kv_cache_dtype!r}")
         if self.num_shard not in (None, 1) or self.sharded:
             raise ValueError("--num-shard must be 1 and --sharded false: tensor parallelism is "
                              "not implemented yet (one GPU per server)")

@@ -1,7 +1,17 @@
-"""Writing new tokens' keys and values into the paged KV cache."""
+"""Writing new tokens' keys and values into the paged KV cache, in the cache's dtype: the
+model's, or float8_e4m3fn (--kv-cache-dtype fp8: values saturate at +-448, scale 1)."""
 import torch
 import triton
 import triton.language as tl
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as the cache stores it: unchanged, or saturated into fp8 e4m3 (its cast overflows to
+    NaN)."""
+    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8) if dtype == FP8 else x
 
 
 def store_kv_reference(
@@ -19,8 +29,8 @@ def store_kv_reference(
     """
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[keep]
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = to_cache_dtype(key[keep], k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = to_cache_dtype(value[keep], v_cache.dtype)
 
 
 @triton.jit
@@ -29,6 +39,7 @@ def _store_kv_kernel(
     stride_key_tok, stride_value_tok,
     ROW: tl.constexpr,  # num_kv_heads * head_dim: one token's slot in the cache
     BLOCK: tl.constexpr,
+    FP8_CACHE: tl.constexpr,
 ):
     """One (token, chunk of its ROW elements): copies key and value into the token's slot."""
     tok = tl.program_id(0)
@@ -40,6 +51,11 @@ def _store_kv_kernel(
     src = tok.to(tl.int64)
     k = tl.load(key_ptr + src * stride_key_tok + offs, mask=mask)
     v = tl.load(value_ptr + src * stride_value_tok + offs, mask=mask)
+    if FP8_CACHE:  # saturate: the cast itself overflows to NaN
+        k = tl.minimum(tl.maximum(k.to(tl.float32), -448.0), 448.0)
+        v = tl.minimum(tl.maximum(v.to(tl.float32), -448.0), 448.0)
+    k = k.to(k_cache_ptr.dtype.element_ty)
+    v = v.to(v_cache_ptr.dtype.element_ty)
     tl.store(k_cache_ptr + slot * ROW + offs, k, mask=mask)
     tl.store(v_cache_ptr + slot * ROW + offs, v, mask=mask)
 
@@ -62,10 +78,11 @@ def store_kv(
     """
     if key.dtype not in _DTYPES:
         raise ValueError(f"key.dtype must be one of {_DTYPES}, got {key.dtype}")
-    if not (value.dtype == k_cache.dtype == v_cache.dtype == key.dtype):
+    if value.dtype != key.dtype or k_cache.dtype != v_cache.dtype or \
+            k_cache.dtype not in (key.dtype, FP8):
         raise ValueError(
-            "key, value, k_cache and v_cache must share one dtype, got "
-            f"{key.dtype}, {value.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+            "key, value, k_cache and v_cache must share one dtype (or the caches be "
+            f"float8_e4m3fn), got {key.dtype}, {value.dtype}, {k_cache.dtype}, {v_cache.dtype}"
         )
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(
@@ -101,5 +118,5 @@ def store_kv(
     num_warps = max(1, min(8, block * key.element_size() // (16 * 32)))
     _store_kv_kernel[(num_tokens, triton.cdiv(row, block))](
         key, value, k_cache, v_cache, slot_mapping, key.stride(0), value.stride(0),
-        ROW=row, BLOCK=block, num_warps=num_warps,
+        ROW=row, BLOCK=block, FP8_CACHE=k_cache.dtype == FP8, num_warps=num_warps,
     )

@@ -52,8 +52,8 @@ def paged_attention_reference(
 
     # Gather each sequence's cache blocks into [B, max_blocks * block_size, Hkv, D].
     blocks = block_tables.long()
-    k = k_cache[blocks].flatten(1, 2)
-    v = v_cache[blocks].flatten(1, 2)
+    k = k_cache[blocks].flatten(1, 2).to(q.dtype)  # an fp8 cache is read in q's dtype
+    v = v_cache[blocks].flatten(1, 2).to(q.dtype)
     key_pos = torch.arange(k.shape[1], device=device)
     # Slots past a sequence's context were never written (or hold another sequence's stale
     # values): zero them, since a masked-out NaN still poisons softmax(scores) @ V.
@@ -181,9 +181,9 @@ def _decode_split_kernel(
             kv_mask = key_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
         k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        # q's dtype: the same unless the cache is fp8 (or q was upcast for the interpreter)
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_G, N], unscaled
         s = tl.where(key_mask[None, :], s, float("-inf"))
         # every tile holds at least one visible key, so m_new is finite
@@ -191,7 +191,7 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s * qk_scale - m_new[:, None])  # one FMA per score; qk_scale > 0
         l_i = l_i * alpha + tl.sum(p, 1)
-        p = p.to(k_cache_ptr.dtype.element_ty)
+        p = p.to(q_ptr.dtype.element_ty)
         if UPCAST:
             p = p.to(tl.float32)
         acc = tl.dot(p, v, acc * alpha[:, None], input_precision=PRECISION)
@@ -249,7 +249,7 @@ def _decode_reduce_kernel(
 
 @triton.jit
 def _prefill_inner(
-    acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, offs_d, head_off,
+    acc, m_i, l_i, q, q_ptr, k_cache_ptr, v_cache_ptr, bt_row, offs_d, head_off,
     q_pos, ctx_len, window, qk_scale, n_lo, n_hi,
     MASKED: tl.constexpr, USE_WINDOW: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -282,9 +282,8 @@ def _prefill_inner(
         else:
             k = tl.load(k_cache_ptr + kv_offs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
             v = tl.load(v_cache_ptr + kv_offs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = k.to(q.dtype)  # see the decode kernel
+        v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, N], unscaled
         if MASKED:
             visible = (offs_n[None, :] <= q_pos[:, None]) & key_mask[None, :]
@@ -300,7 +299,7 @@ def _prefill_inner(
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s * qk_scale - m_ref[:, None])  # one FMA per score; qk_scale > 0
         l_i = l_i * alpha + tl.sum(p, 1)
-        p = p.to(k_cache_ptr.dtype.element_ty)
+        p = p.to(q_ptr.dtype.element_ty)
         if UPCAST:
             p = p.to(tl.float32)
         acc = tl.dot(p, v, acc * alpha[:, None], input_precision=PRECISION)
@@ -361,15 +360,15 @@ def _prefill_kernel(
     head_off = (head // GROUP) * HEAD_DIM + offs_d  # [BLOCK_D] within one cache slot
     if USE_WINDOW:
         acc, m_i, l_i = _prefill_inner(
-            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, offs_d, head_off,
+            acc, m_i, l_i, q, q_ptr, k_cache_ptr, v_cache_ptr, bt_row, offs_d, head_off,
             q_pos, ctx_len, window, qk_scale, lo, full_lo, True, USE_WINDOW,
             NUM_KV_HEADS, PAGE_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, UPCAST)
     acc, m_i, l_i = _prefill_inner(
-        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, offs_d, head_off,
+        acc, m_i, l_i, q, q_ptr, k_cache_ptr, v_cache_ptr, bt_row, offs_d, head_off,
         q_pos, ctx_len, window, qk_scale, full_lo, full_hi, False, USE_WINDOW,
         NUM_KV_HEADS, PAGE_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, UPCAST)
     acc, m_i, l_i = _prefill_inner(
-        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, offs_d, head_off,
+        acc, m_i, l_i, q, q_ptr, k_cache_ptr, v_cache_ptr, bt_row, offs_d, head_off,
         q_pos, ctx_len, window, qk_scale, full_hi, hi, True, USE_WINDOW,
         NUM_KV_HEADS, PAGE_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, UPCAST)
 
@@ -407,9 +406,10 @@ def _check_attention_args(q, k_cache, v_cache, context_lens, block_tables, scale
     """Validates what decode and prefill share; returns (num_kv_heads, group, head_dim, page)."""
     if q.dtype not in _DTYPES:
         raise ValueError(f"q.dtype must be one of {_DTYPES}, got {q.dtype}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
         raise ValueError(
-            f"k_cache/v_cache dtype ({k_cache.dtype}, {v_cache.dtype}) must equal q.dtype {q.dtype}"
+            f"k_cache/v_cache dtype ({k_cache.dtype}, {v_cache.dtype}) must equal q.dtype "
+            f"{q.dtype} (or both be float8_e4m3fn: an fp8 cache)"
         )
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(

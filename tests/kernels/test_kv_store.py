@@ -47,6 +47,32 @@ def test_store_kv(rand, dtype, num_kv_heads, head_dim, pad_every, strided):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_into_an_fp8_cache_saturates(rand, dtype):
+    """--kv-cache-dtype fp8: the kernel stores what the reference stores, bit for bit, and
+    values past e4m3's 448 saturate instead of turning NaN. The values are e4m3's own, or
+    beyond its range: the Triton interpreter's float -> fp8 rounding carries wrongly where a
+    value rounds up to a power of two (125 gave 64), a rounding the GPU does in hardware."""
+    fp8 = torch.float8_e4m3fn
+    k_cache = rand(7, 8, 2, 64).to(fp8)
+    v_cache = rand(7, 8, 2, 64).to(fp8)
+    slots = torch.randperm(56, generator=rand.generator)[:37].to(torch.int32)
+    slots[::4] = -1
+    slots = slots.to(k_cache.device)
+    key = rand(37, 2, 64).to(fp8).float()
+    key[::3, 0, :8] = 1000.0                    # past 448: saturates
+    key[1::3, 1, :8] = -600.0
+    key = key.to(dtype)
+    value = rand(37, 2, 64).to(fp8).to(dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    kv_store.store_kv_reference(key, value, k_ref, v_ref, slots)
+    kv_store.store_kv(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache.view(torch.uint8), k_ref.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8))
+    assert not torch.isnan(k_cache.float()).any() and k_cache.float().abs().max() == 448
+
+
+@pytest.mark.unit
 def test_store_kv_rejects_bad_inputs(rand):
     k_cache = rand(4, 16, 2, 64)
     key = rand(5, 2, 64)

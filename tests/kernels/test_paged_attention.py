@@ -45,10 +45,12 @@ def upcast(*tensors):
 # ---------------------------------------------------------------------------------- decode
 
 def run_decode(rand, poisoned, assert_close, *, ctx_lens, heads, head_dim, page, dtype,
-               window=None, table_width=None, config=None):
+               window=None, table_width=None, config=None, fp8_cache=False):
     num_q_heads, num_kv_heads = heads
     k_cache, v_cache, table, ctx = make_cache(
         rand, ctx_lens, num_kv_heads, head_dim, page, dtype, table_width)
+    if fp8_cache:  # --kv-cache-dtype fp8: the kernels read it in q's dtype
+        k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
     q = rand(len(ctx_lens), num_q_heads, head_dim, dtype=dtype)
     scale = head_dim ** -0.5
     out = poisoned(q.shape, dtype)
@@ -100,6 +102,14 @@ def test_decode_split_configs(rand, poisoned, assert_close, block_n, num_splits,
     run_decode(rand, poisoned, assert_close, ctx_lens=[0, 1, 31, 32, 33, 100], heads=(8, 2),
                head_dim=64, page=16, dtype=torch.float32, window=window,
                config=(block_n, num_splits, 4, 2))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 24])
+def test_decode_fp8_cache(rand, poisoned, assert_close, dtype, window):
+    run_decode(rand, poisoned, assert_close, ctx_lens=DECODE_CTX, heads=(8, 2), head_dim=64,
+               page=16, dtype=dtype, window=window, fp8_cache=True)
 
 
 @pytest.mark.unit
@@ -161,12 +171,14 @@ def test_decode_rejects_bad_inputs(rand, device):
 # --------------------------------------------------------------------------------- prefill
 
 def run_prefill(rand, poisoned, assert_close, *, seqs, heads, head_dim, page, dtype,
-                window=None, config=None, strided_q=False):
+                window=None, config=None, strided_q=False, fp8_cache=False):
     """seqs: [(q_len, context_len)]; the q_len new tokens are the last of the context."""
     num_q_heads, num_kv_heads = heads
     q_lens = [s[0] for s in seqs]
     k_cache, v_cache, table, ctx = make_cache(
         rand, [s[1] for s in seqs], num_kv_heads, head_dim, page, dtype)
+    if fp8_cache:
+        k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
     device = k_cache.device
     cu = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=device)
     num_tokens = sum(q_lens)
@@ -227,6 +239,13 @@ def test_prefill_tile_configs(rand, poisoned, assert_close, config, window):
     run_prefill(rand, poisoned, assert_close, seqs=[(100, 100), (3, 90), (64, 64), (65, 130)],
                 heads=(2, 1), head_dim=64, page=16, dtype=torch.float32, window=window,
                 config=config)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_fp8_cache(rand, poisoned, assert_close, dtype):
+    run_prefill(rand, poisoned, assert_close, seqs=PREFILL_SEQS, heads=(4, 1), head_dim=64,
+                page=16, dtype=dtype, fp8_cache=True)
 
 
 @pytest.mark.unit

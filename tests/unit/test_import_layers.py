@@ -1,7 +1,6 @@
 """Imports only go down the package's rooms: cli -> serving -> engine -> adapters ->
-prompt_tuning -> speculation -> sampling -> models -> layers -> weights -> config, then
-textgen_kernels
-(docs/ARCHITECTURE.md). An import under `if TYPE_CHECKING:` (annotations only) is exempt."""
+prompt_tuning -> speculation -> sampling -> models -> quantization -> layers -> weights -> config,
+then textgen_kernels (docs/ARCHITECTURE.md). An import under `if TYPE_CHECKING:` (annotations only) is exempt."""
 import ast
 from pathlib import Path
 
@@ -11,7 +10,7 @@ pytestmark = pytest.mark.unit
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 ROOMS = ["cli", "serving", "engine", "adapters", "prompt_tuning", "speculation", "sampling",
-         "models", "layers", "weights", "config"]
+         "models", "quantization", "layers", "weights", "config"]
 
 
 def _room(dotted: str) -> str | None:

@@ -104,3 +104,31 @@ def test_an_on_the_fly_scheme_refuses_a_prequantized_checkpoint(tiny_model, tmp_
     gptq, _ = write_quantized(tiny_model, tmp_path / "gptq", "gptq")
     with pytest.raises(ValueError, match="already gptq-quantized"):
         Engine(EngineConfig(model_id=str(gptq), quantize="eetq"), gptq)
+
+
+def test_an_fp8_kv_cache_serves_close_to_the_model_dtype_one(tiny_model):
+    """--kv-cache-dtype fp8 on the CPU (the torch path; the kernels' fp8 reads and writes are
+    tests/kernels): the caches are float8, and the prompt logprobs the model gives with them
+    stay close to those with float32 caches."""
+    from textgen_backend.sampling.params import DetailsParams
+
+    def prompt_logprobs(kv_cache_dtype):
+        engine = Engine(EngineConfig(model_id=str(tiny_model), kv_cache_dtype=kv_cache_dtype,
+                                     max_input_tokens=60, max_total_tokens=100), tiny_model)
+        seq = Sequence(0, list(range(20, 60)), SamplingParams(), StoppingParams(max_tokens=4),
+                       details=DetailsParams(input_details=True))
+        engine.add(seq)
+        logprobs = []
+        while engine.has_work():
+            for output in engine.step():
+                logprobs += [t.logprob for t in output.prompt_logprobs or [] if t is not None]
+        caches = {k.dtype for k, _ in engine.runner.kv_caches}
+        return caches, torch.tensor(logprobs)
+
+    full_dtypes, full = prompt_logprobs("auto")
+    fp8_dtypes, fp8 = prompt_logprobs("fp8")
+    assert full_dtypes == {torch.float32} and fp8_dtypes == {torch.float8_e4m3fn}
+    assert not torch.equal(full, fp8)                   # the cache did change the numbers
+    # e4m3 keeps 3 mantissa bits: this random tiny model's logprobs (-4 to -11) move by ~0.1
+    difference = (full - fp8).abs()
+    assert difference.mean() < 0.2 and difference.max() < 1.0, difference

@@ -62,7 +62,7 @@ class Engine:
         eos = self.model_config.eos_token_ids
         self.runner = ModelRunner(model, self.model_config, self.device, self.dtype,
                                   config.block_size, eos, config.watermark_gamma,
-                                  config.watermark_delta)
+                                  config.watermark_delta, self._kv_cache_dtype())
         self.adapters = self._adapter_residency(model)
         self.runner.lora_batch = self.adapters.slots.batch if self.adapters else None
         self.runner.medusa = (load_medusa(model_dir, self.model_config.hidden_size,
@@ -113,6 +113,20 @@ class Engine:
         logger.info("[textgen] speculative decoding: %d %s drafts per step, at most %d "
                     "sequences", drafts, method, c.speculation_max_batch_size)
         return Speculator(drafts, c.speculation_max_batch_size, method, self.block_manager)
+
+    def _kv_cache_dtype(self) -> torch.dtype:
+        """--kv-cache-dtype: the model's dtype, or float8 e4m3 where the device has it (the CPU,
+        and GPUs of compute capability 8.9 or more: Ada, Hopper and later)."""
+        if self.config.kv_cache_dtype == "auto":
+            return self.dtype
+        if self.device.type == "cuda":
+            capability = torch.cuda.get_device_capability(self.device)
+            if capability < (8, 9):
+                raise ValueError(f"--kv-cache-dtype {self.config.kv_cache_dtype}: this GPU "
+                                 f"(compute capability {capability[0]}.{capability[1]}) has no "
+                                 "fp8 conversions; it needs 8.9 or more (Ada, Hopper)")
+        logger.info("[textgen] KV cache in float8 e4m3 (saturating at +-448, no scales)")
+        return torch.float8_e4m3fn
 
     def _load_model(self, model_dir: Path):
         ops = select_ops(self.device, self.config.disable_custom_kernels)

@@ -63,11 +63,13 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: nn.Module, model_config: ModelConfig, device: torch.device,
                  dtype: torch.dtype, block_size: int, eos_token_ids: tuple[int, ...],
-                 watermark_gamma: float = 0.5, watermark_delta: float = 2.0):
+                 watermark_gamma: float = 0.5, watermark_delta: float = 2.0,
+                 kv_cache_dtype: torch.dtype | None = None):
         self.model = model
         self.model_config = model_config
         self.device = device
         self.dtype = dtype
+        self.kv_cache_dtype = kv_cache_dtype or dtype  # float8_e4m3fn: --kv-cache-dtype fp8
         self.block_size = block_size
         self.eos_token_ids = eos_token_ids
         self.watermark_gamma, self.watermark_delta = watermark_gamma, watermark_delta
@@ -94,7 +96,7 @@ class ModelRunner:
 
     def kv_bytes_per_block(self) -> int:
         c = self.model_config
-        per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.kv_cache_dtype.itemsize
         return per_token * self.block_size
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -102,8 +104,8 @@ class ModelRunner:
         shape = (num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
         self.kv_caches = []
         for attn in self.model.attention_layers():
-            attn.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            attn.k_cache = torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device)
+            attn.v_cache = torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device)
             self.kv_caches.append((attn.k_cache, attn.v_cache))
 
     def capture_cuda_graphs(self, decode_batch_sizes: tuple[int, ...],

@@ -27,8 +27,11 @@ class Ops:
 def _store_kv_torch(key, value, k_cache, v_cache, slot_mapping):
     # The torch path never pads a batch, so every slot is real and no masking (host sync) is needed.
     slots = slot_mapping.long()
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value)
+    for cache, x in ((k_cache, key), (v_cache, value)):
+        x = kv_store.to_cache_dtype(x, cache.dtype)
+        if cache.dtype == kv_store.FP8:  # index_copy_ has no float8 kernel on the CPU: bytes
+            cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, x)
 
 
 TORCH_OPS = Ops(
