@@ -4,8 +4,8 @@ inputs) is stored and read back, and how activations are quantized where the sch
 - int8 per output channel (EETQ's weight-only scheme): q = round(w / s), s = absmax(row) / 127.
 - bitsandbytes 8-bit (LLM.int8()): the same row-wise int8 storage as bitsandbytes lays it out
   (CB = round(w * 127 / SCB), SCB = absmax(row)); the matmul quantizes activation rows the same
-  way, except input columns holding a value >= threshold (outliers), which multiply the
-  dequantized weight in floating point.
+  way, except values >= threshold (outliers), which multiply the dequantized weight in floating
+  point; each row as bitsandbytes computes it alone (see bnb_int8_matmul).
 - bitsandbytes NF4 / FP4: the weight flattened row-major into blocks of 64, each scaled by its
   absmax (float32) to [-1, 1] and rounded to the nearest of 16 code values (NormalFloat4 or
   bitsandbytes' FP4); two codes per byte, the first in the high nibble. No double quantization
@@ -58,21 +58,22 @@ def bnb_int8_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def bnb_int8_matmul(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
                     threshold: float = BNB_INT8_THRESHOLD) -> torch.Tensor:
-    """x [M, K] @ W^T with W stored as (CB, SCB): LLM.int8()'s mixed decomposition as
-    bitsandbytes computes it. Values >= threshold are outliers: they are left out of their row's
-    absmax, their whole columns are left out of the int8 product and multiply the dequantized
-    weight columns in floating point instead. Float32."""
+    """x [M, K] @ W^T with W stored as (CB, SCB): LLM.int8()'s mixed decomposition, each row
+    as bitsandbytes computes that row alone. Values >= threshold are outliers: left out of
+    their row's absmax and of the int8 product, they multiply the dequantized weight in
+    floating point. (bitsandbytes takes the outlier columns of the whole batch, so a row's
+    result would depend on the rows beside it; per row, every request gets the output it gets
+    alone.) Float32; the sums in float64, where the order of additions cannot show."""
     x = x.float()
     outliers = x.abs() >= threshold if threshold > 0 else torch.zeros_like(x, dtype=torch.bool)
-    columns = outliers.any(dim=0).nonzero().flatten()
     ca, sca = bnb_int8_rows(x.masked_fill(outliers, 0.0))
-    ca[:, columns] = 0
-    # float64 holds the int32 accumulation of int8 products exactly
-    acc = ca.double() @ cb.double().T
-    out = (acc * (sca.double()[:, None] * scb.double()[None, :]) / (INT8_MAX * INT8_MAX)).float()
+    acc = ca.double() @ cb.double().T   # int8 products and their sums: exact in float64
+    out = acc * (sca.double()[:, None] * scb.double()[None, :]) / (INT8_MAX * INT8_MAX)
+    columns = outliers.any(dim=0).nonzero().flatten()
     if len(columns):
-        out = out + x[:, columns] @ (cb[:, columns].float() * (scb[:, None] / INT8_MAX)).T
-    return out
+        weight = cb[:, columns].double() * (scb.double()[:, None] / INT8_MAX)
+        out = out + (x[:, columns].double() * outliers[:, columns]) @ weight.T
+    return out.float()
 
 
 # --- bitsandbytes NF4 / FP4 ------------------------------------------------------------------
