@@ -141,3 +141,61 @@ def test_an_fp8_kv_cache_serves_close_to_the_model_dtype_one(tiny_model):
     # e4m3 keeps 3 mantissa bits: this random tiny model's logprobs (-4 to -11) move by ~0.1
     difference = (full - fp8).abs()
     assert difference.mean() < 0.2 and difference.max() < 1.0, difference
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "fp8"])
+def test_published_fp8_checkpoints_are_read_and_served_as_fp8(tiny_model, tmp_path, fmt):
+    """Detected without the flag; the weights we read equal what transformers reads from the
+    same files (compressed-tensors' decompression, or its fine-grained fp8 dequantization); the
+    engine serves them token-exact against transformers running the fp8 scheme on them."""
+    from transformers import AutoModelForCausalLM
+
+    from fp8_checkpoints import write_fp8_checkpoint
+    from textgen_backend.quantization.fp8_checkpoint import (dequantize_fp8_weights,
+                                                             fp8_checkpoint_format,
+                                                             fp8_weight_block)
+    from textgen_backend.weights.loading import iterate_weights
+
+    checkpoint = write_fp8_checkpoint(tiny_model, tmp_path / fmt, fmt)
+    assert fp8_checkpoint_format(checkpoint) == fmt
+    ours = dict(dequantize_fp8_weights(iterate_weights(checkpoint, "safetensors"),
+                                       fp8_weight_block(checkpoint)))
+    # transformers decompresses both on the CPU (compressed-tensors through its library, when
+    # the model first runs)
+    theirs = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    greedy(theirs, [5, 6, 7], 1)
+    for name, weight in theirs.state_dict().items():
+        if name in ours and name.endswith("_proj.weight"):
+            assert weight.dtype == torch.float32
+            torch.testing.assert_close(ours[name], weight, rtol=0, atol=0)
+    dense_from_checkpoint = AutoModelForCausalLM.from_pretrained(tiny_model,
+                                                                 dtype=torch.float32).eval()
+    dense_from_checkpoint.load_state_dict(ours)   # the dense model of what we read
+    reference = quantize_reference(dense_from_checkpoint, "fp8")
+    engine = Engine(EngineConfig(model_id=str(checkpoint), max_input_tokens=50,
+                                 max_total_tokens=100), checkpoint)
+    seq = Sequence(0, list(range(20, 60)), SamplingParams(),
+                   StoppingParams(max_tokens=16, ignore_eos=True))
+    engine.add(seq)
+    while engine.has_work():
+        engine.step()
+    assert seq.output_ids == greedy(reference, seq.prompt_ids, 16)
+    with pytest.raises(ValueError, match="fp8 checkpoint"):
+        Engine(EngineConfig(model_id=str(checkpoint), quantize="eetq"), checkpoint)
+
+
+def test_fp8_weights_pair_with_their_scales_in_any_order():
+    from textgen_backend.quantization.fp8_checkpoint import dequantize_fp8_weights
+
+    q = torch.randn(4, 8).to(torch.float8_e4m3fn)
+    stream = [("a.weight_scale", torch.tensor(2.0)), ("a.input_scale", torch.tensor(1.0)),
+              ("b.weight", q), ("norm.weight", torch.ones(8)), ("a.weight", q),
+              ("b.weight_scale", torch.full((4, 1), 0.5))]
+    out = dict(dequantize_fp8_weights(stream))
+    assert sorted(out) == ["a.weight", "b.weight", "norm.weight"]      # input_scale dropped
+    assert torch.equal(out["a.weight"], q.float() * 2) and torch.equal(out["b.weight"],
+                                                                       q.float() * 0.5)
+    with pytest.raises(ValueError, match="without scales"):
+        list(dequantize_fp8_weights([("c.weight", q)]))
+    with pytest.raises(ValueError, match="fits neither"):
+        list(dequantize_fp8_weights([("c.weight", q), ("c.weight_scale", torch.ones(3, 3))]))
