@@ -6,7 +6,9 @@
 set -euo pipefail
 if ! command -v podman > /dev/null || ! command -v mmdebstrap > /dev/null; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap > /dev/null
+  # the set this was tested with (rootful podman itself needs podman, runc and the CNI plugins)
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc mmdebstrap uidmap \
+    slirp4netns fuse-overlayfs > /dev/null
 fi
 if [ ! -f /etc/containers/containers.conf ]; then
   mkdir -p /etc/containers
