@@ -29,10 +29,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 def dequantize_reference(data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                          n: int, k: int) -> torch.Tensor:
-    """The dense [N, K] float32 weight."""
-    q = torch.stack([data >> 4, data & 0xF], dim=1).reshape(-1)[:n * k].long()
-    values = code.float()[q].reshape(-1, BLOCKSIZE) * absmax.float()[:, None]
-    return values.reshape(n, k)
+    """The dense [N, K] float32 weight (any N * K: the last block may be partial)."""
+    size = n * k
+    q = torch.stack([data >> 4, data & 0xF], dim=1).reshape(-1)[:size].long()
+    values = torch.nn.functional.pad(code.float()[q], (0, -size % BLOCKSIZE))
+    values = values.reshape(-1, BLOCKSIZE) * absmax.float()[:, None]
+    return values.reshape(-1)[:size].reshape(n, k)
 
 
 def codebook_matmul_reference(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,

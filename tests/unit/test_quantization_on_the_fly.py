@@ -152,14 +152,13 @@ def test_published_fp8_checkpoints_are_read_and_served_as_fp8(tiny_model, tmp_pa
 
     from fp8_checkpoints import write_fp8_checkpoint
     from textgen_backend.quantization.fp8_checkpoint import (dequantize_fp8_weights,
-                                                             fp8_checkpoint_format,
-                                                             fp8_weight_block)
+                                                             read_fp8_checkpoint)
     from textgen_backend.weights.loading import iterate_weights
 
     checkpoint = write_fp8_checkpoint(tiny_model, tmp_path / fmt, fmt)
-    assert fp8_checkpoint_format(checkpoint) == fmt
-    ours = dict(dequantize_fp8_weights(iterate_weights(checkpoint, "safetensors"),
-                                       fp8_weight_block(checkpoint)))
+    found = read_fp8_checkpoint(checkpoint)
+    assert found.format == fmt
+    ours = dict(dequantize_fp8_weights(iterate_weights(checkpoint, "safetensors"), found.block))
     # transformers decompresses both on the CPU (compressed-tensors through its library, when
     # the model first runs)
     theirs = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()

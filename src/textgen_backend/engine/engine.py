@@ -27,8 +27,7 @@ from textgen_backend.models.config import ModelConfig
 from textgen_backend.engine.model_runner import ModelRunner
 from textgen_backend.models import build_model, model_class
 from textgen_backend.sampling.params import SamplingParams, StoppingParams
-from textgen_backend.quantization.fp8_checkpoint import (dequantize_fp8_weights,
-                                                         fp8_checkpoint_format, fp8_weight_block)
+from textgen_backend.quantization.fp8_checkpoint import dequantize_fp8_weights, read_fp8_checkpoint
 from textgen_backend.quantization.schemes import ON_THE_FLY, quantize_projections
 from textgen_backend.weights.quantization import resolve_quant_config
 from textgen_backend.engine.scheduler import Scheduler, SchedulerOutput, StepOutput
@@ -133,16 +132,16 @@ class Engine:
     def _load_model(self, model_dir: Path):
         ops = select_ops(self.device, self.config.disable_custom_kernels)
         on_the_fly = self.config.quantize if self.config.quantize in ON_THE_FLY else None
-        fp8_format = fp8_checkpoint_format(model_dir)
-        if fp8_format is not None:  # a published fp8 checkpoint: served as --quantize fp8
+        fp8 = read_fp8_checkpoint(model_dir)
+        if fp8 is not None:  # a published fp8 checkpoint: served as --quantize fp8
             if self.config.quantize not in (None, "fp8"):
                 raise ValueError(f"--quantize {self.config.quantize}, but {model_dir} is an "
-                                 f"fp8 checkpoint ({fp8_format}): serve it with --quantize fp8 "
+                                 f"fp8 checkpoint ({fp8.format}): serve it with --quantize fp8 "
                                  "or without the flag")
             logger.info("[textgen] the checkpoint is fp8 (%s): serving it as --quantize fp8",
-                        fp8_format)
+                        fp8.format)
             on_the_fly = "fp8"
-        quant = None if fp8_format else resolve_quant_config(
+        quant = None if fp8 else resolve_quant_config(
             model_dir, None if on_the_fly else self.config.quantize, self.config.load_format)
         if on_the_fly and quant is not None:
             raise ValueError(f"--quantize {on_the_fly} quantizes a dense checkpoint while loading "
@@ -162,8 +161,8 @@ class Engine:
         if self.config.load_format != "dummy":
             weights_dir = Path(self.config.weights_cache_override or model_dir)
             weights = iterate_weights(weights_dir, self.config.load_format)
-            if fp8_format is not None:
-                weights = dequantize_fp8_weights(weights, fp8_weight_block(model_dir))
+            if fp8 is not None:
+                weights = dequantize_fp8_weights(weights, fp8.block)
             model.load_weights(weights)
         if on_the_fly:
             quantize_projections(model, on_the_fly, ops)

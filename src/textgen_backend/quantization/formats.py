@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from textgen_kernels import codebook_matmul
+
 INT8_MAX = 127.0
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
-BNB_BLOCKSIZE = 64
+BNB_BLOCKSIZE = codebook_matmul.BLOCKSIZE  # 64, bitsandbytes' default for 4 bits
 BNB_INT8_THRESHOLD = 6.0  # bitsandbytes' and TGI's outlier threshold
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
             -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -85,19 +87,18 @@ class Packed4bit:
     shape: tuple[int, int]
 
 
-def _code(quant_type: str, device) -> torch.Tensor:
+def code_book(quant_type: str, device=None) -> torch.Tensor:
     return torch.tensor(CODES[quant_type], dtype=torch.float32, device=device)
 
 
-def quantize_4bit(weight: torch.Tensor, quant_type: str,
-                  blocksize: int = BNB_BLOCKSIZE) -> Packed4bit:
+def quantize_4bit(weight: torch.Tensor, quant_type: str) -> Packed4bit:
     flat = weight.float().reshape(-1)
     n = flat.numel()
-    padded = torch.nn.functional.pad(flat, (0, -n % blocksize))
-    blocks = padded.reshape(-1, blocksize)
+    padded = torch.nn.functional.pad(flat, (0, -n % BNB_BLOCKSIZE))
+    blocks = padded.reshape(-1, BNB_BLOCKSIZE)
     absmax = blocks.abs().amax(dim=1)
     scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)[:n]
-    code = _code(quant_type, flat.device)
+    code = code_book(quant_type, flat.device)
     # nearest code value (ties to the lower one: bitsandbytes' midpoint bounds)
     order = torch.argsort(code)
     ordered = code[order]
@@ -108,13 +109,11 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str,
     return Packed4bit((q[0::2] << 4) | q[1::2], absmax, tuple(weight.shape))
 
 
-def dequantize_4bit(packed: Packed4bit, quant_type: str,
-                    blocksize: int = BNB_BLOCKSIZE) -> torch.Tensor:
-    n = packed.shape[0] * packed.shape[1]
-    q = torch.stack([packed.data >> 4, packed.data & 0xF], dim=1).reshape(-1)[:n]
-    values = _code(quant_type, q.device)[q.long()]
-    values = torch.nn.functional.pad(values, (0, -n % blocksize)).reshape(-1, blocksize)
-    return (values * packed.absmax[:, None]).reshape(-1)[:n].reshape(packed.shape)
+def dequantize_4bit(packed: Packed4bit, quant_type: str) -> torch.Tensor:
+    """The dense float32 weight: the code-book kernel's reference reads this layout."""
+    return codebook_matmul.dequantize_reference(packed.data, packed.absmax,
+                                                code_book(quant_type, packed.data.device),
+                                                *packed.shape)
 
 
 # --- fp8 e4m3 --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,32 +20,31 @@ SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv")
 DROPPED_SUFFIXES = (".input_scale", ".k_scale", ".v_scale")
 
 
-def fp8_checkpoint_format(model_dir: str | Path) -> str | None:
-    """"compressed-tensors" or "fp8" when config.json's quantization_config describes 8-bit
+@dataclass(frozen=True)
+class Fp8Checkpoint:
+    format: str                          # "compressed-tensors" or "fp8"
+    block: tuple[int, int] | None        # transformers' fine-grained fp8: weight_block_size
+
+
+def read_fp8_checkpoint(model_dir: str | Path) -> Fp8Checkpoint | None:
+    """The checkpoint's fp8 format when config.json's quantization_config describes 8-bit
     float weights in one of those formats; None otherwise. Other compressed-tensors formats
     (int4/int8 packs) are refused by name."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     raw = config.get("quantization_config") or {}
     method = str(raw.get("quant_method", "")).lower()
     if method == "fp8":
-        return "fp8"
+        block = raw.get("weight_block_size")
+        return Fp8Checkpoint("fp8", (int(block[0]), int(block[1])) if block else None)
     if method != "compressed-tensors":
         return None
     weights = [group.get("weights") or {} for group in raw.get("config_groups", {}).values()]
     if raw.get("format") == "float-quantized" and weights and all(
             w.get("type") == "float" and int(w.get("num_bits", 0)) == 8 for w in weights):
-        return "compressed-tensors"
+        return Fp8Checkpoint("compressed-tensors", None)
     raise ValueError(f"config.json: compressed-tensors format {raw.get('format')!r} with "
                      f"weights {weights} is not supported (only float-quantized 8-bit weights: "
                      "fp8)")
-
-
-def fp8_weight_block(model_dir: str | Path) -> tuple[int, int] | None:
-    """transformers' fine-grained fp8: the [rows, cols] block of each weight_scale_inv value."""
-    raw = json.loads((Path(model_dir) / "config.json").read_text()).get(
-        "quantization_config") or {}
-    block = raw.get("weight_block_size")
-    return (int(block[0]), int(block[1])) if block else None
 
 
 def dequantize_fp8_weights(weights: Iterable[tuple[str, torch.Tensor]],
@@ -84,7 +84,7 @@ def _dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | N
     n, k = q.shape
     scale = scale.float()
     if scale.numel() == 1 or scale.shape in ((n,), (n, 1)):   # per tensor, per channel
-        return q.float() * scale.reshape(-1, 1) if scale.numel() > 1 else q.float() * scale
+        return q.float() * scale.reshape(-1, 1)
     if block is not None:
         rows, cols = block
         expected = (-(-n // rows), -(-k // cols))

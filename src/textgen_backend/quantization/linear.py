@@ -43,7 +43,6 @@ class OnTheFlyQuantizedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.bias = linear.bias
-        self.packed4: formats.Packed4bit | None = None
         if scheme == "bitsandbytes":
             q, scale = formats.bnb_int8_rows(weight)
         elif scheme == "fp8":
@@ -53,10 +52,9 @@ class OnTheFlyQuantizedLinear(nn.Module):
                                  f"{self.in_features}")
             q, scale = formats.quantize_fp8_rows(weight)
         elif scheme in ("bitsandbytes-nf4", "bitsandbytes-fp4"):
-            self.packed4 = formats.quantize_4bit(weight, self.quant_type)
-            q, scale = self.packed4.data, self.packed4.absmax
-            self.register_buffer("code", torch.tensor(formats.CODES[self.quant_type],
-                                                      dtype=torch.float32, device=q.device))
+            packed = formats.quantize_4bit(weight, self.quant_type)
+            q, scale = packed.data, packed.absmax
+            self.register_buffer("code", formats.code_book(self.quant_type, q.device))
             # the kernel reads whole blocks within rows
             self.use_kernels &= self.in_features % formats.BNB_BLOCKSIZE == 0
         else:
