@@ -5,6 +5,7 @@ import json
 import re
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,16 @@ from server import TritonServer
 from textgen_backend.config import EngineConfig
 from textgen_client import TextgenClient
 from tiny_models import build_tiny_model
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_block(containing: str) -> list[str]:
+    """The command lines of the README's ```bash block that contains `containing`."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    [block] = [b for b in blocks if containing in b]
+    return [line for line in block.splitlines() if line.strip()]
 
 
 class Reference:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import readme_block
 from server import free_port
 from textgen_client import TextgenClient
 
@@ -37,13 +38,6 @@ def _engine() -> str | None:
                                                  capture_output=True).returncode == 0:
         return "docker"
     return "podman" if shutil.which("podman") else None
-
-
-def _deploy_block() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Deploy"):]
-    block = section[section.index("```bash\n") + 8:section.index("```", section.index("```bash\n") + 8)]
-    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def _run(command: list[str] | str, **kwargs) -> subprocess.CompletedProcess:
@@ -63,7 +57,7 @@ def engine():
         if os.environ.get("TEXTGEN_REQUIRE_CONTAINER"):
             pytest.fail("no docker daemon and no podman (bash .ci/container_engine.sh)")
         pytest.skip("no docker daemon and no podman")
-    for line in _deploy_block():  # `make image` builds IMAGE
+    for line in readme_block("make image"):  # `make image` builds IMAGE
         if line.startswith("kubectl apply -k "):
             _run(["kubectl", "kustomize", line.split()[-1]])
         else:
@@ -165,6 +159,6 @@ def test_plain_tritonserver_serves_a_read_only_repository(engine, readable_model
 
 
 def test_the_readme_deploy_block_is_what_this_file_runs():
-    lines = _deploy_block()
+    lines = readme_block("make image")
     assert lines[0] == "make image"
     assert all(shlex.split(line)[0] in ("make", "kubectl") for line in lines)

@@ -16,18 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import readme_block
 from server import wait_until_ready
 from textgen_client import TextgenClient
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def readme_block(containing: str) -> list[str]:
-    """The command lines of the README's ```bash block that contains `containing`."""
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    [block] = [b for b in blocks if containing in b]
-    return [line for line in block.splitlines() if line.strip()]
 
 
 def peft_answer(model_dir: Path, ask: str, store: Path) -> str:
