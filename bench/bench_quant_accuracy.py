@@ -25,6 +25,7 @@ from common import print_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from on_the_fly_reference import quantize_reference  # noqa: E402
+from quant_checkpoints import dequantize, quantize_rtn  # noqa: E402
 from textgen_backend.quantization.schemes import ON_THE_FLY  # noqa: E402
 
 
@@ -33,14 +34,12 @@ def fixed_text() -> str:
 
 
 def int4_rtn(model, group_size: int = 64):
-    """Symmetric 4-bit round-to-nearest per group of inputs, dequantized in place."""
+    """Symmetric 4-bit round-to-nearest per group of inputs as the GPTQ format stores it (the
+    tests' packer, tests/quant_checkpoints.py), dequantized in place."""
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head":
-            w = module.weight.data.float()
-            n, k = w.shape
-            groups = w.reshape(n, k // group_size, group_size)
-            scale = groups.abs().amax(dim=2, keepdim=True).clamp(min=1e-12) / 7
-            module.weight.data = (torch.round(groups / scale).clamp(-8, 7) * scale).reshape(n, k)
+            module.weight.data = dequantize(quantize_rtn(module.weight.data, 4, group_size,
+                                                         sym=True, perm=None))
     return model
 
 
