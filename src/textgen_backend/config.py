@@ -60,10 +60,16 @@ class EngineConfig:
     revision: str | None = flag("Revision of a hub model id (branch, tag or commit).")
     validation_workers: int = flag("Instances of the tokenizer model (tokenization runs in its "
                                    "own processes; TGI's validation workers).", default=1)
-    sharded: bool | None = flag("Shard the model across GPUs. Only \"false\" for now: tensor "
-                                "parallelism is not implemented yet.", choices=("true", "false"))
-    num_shard: int | None = flag("GPUs to shard the model over. Only 1 for now: tensor "
-                                 "parallelism is not implemented yet.")
+    sharded: bool | None = flag("Shard the model over GPUs (tensor parallelism); \"true\" "
+                                "without --num-shard takes every visible GPU.",
+                                choices=("true", "false"))
+    num_shard: int | None = flag("Shards to split the model over, one process each: GPUs "
+                                 "(NCCL), or on the CPU processes (gloo). Default 1.")
+    master_addr: str = flag("Address the shards' processes meet at (torch.distributed's "
+                            "rendezvous; they all run on this host).", default="127.0.0.1")
+    master_port: int | None = flag("Port of that rendezvous. Default: a free port (TGI's "
+                                   "default is 29500, which two servers on one host would "
+                                   "share).")
     huggingface_hub_cache: str | None = flag("Hugging Face hub cache to resolve --model-id in "
                                              "(default: HF_HUB_CACHE or ~/.cache/huggingface/hub).")
     weights_cache_override: str | None = flag("Directory holding the weight files "
@@ -236,9 +242,13 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
                              f"{self.kv_cache_dtype!r}")
-        if self.num_shard not in (None, 1) or self.sharded:
-            raise ValueError("--num-shard must be 1 and --sharded false: tensor parallelism is "
-                             "not implemented yet (one GPU per server)")
+        if self.num_shard is not None and self.num_shard < 1:
+            raise ValueError(f"num_shard must be >= 1, got {self.num_shard}")
+        if self.sharded is False and (self.num_shard or 1) > 1:
+            raise ValueError(f"--sharded false contradicts --num-shard {self.num_shard}")
+        if self.sharded and self.num_shard == 1:
+            raise ValueError("--sharded true needs --num-shard of 2 or more (or unset: every "
+                             "visible GPU)")
         if self.quantize is not None and self.quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)} (other methods are "
                              f"not supported), got {self.quantize!r}")

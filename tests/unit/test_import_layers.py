@@ -1,5 +1,5 @@
 """Imports only go down the package's rooms: cli -> serving -> engine -> adapters ->
-prompt_tuning -> speculation -> sampling -> models -> quantization -> layers -> weights -> config,
+prompt_tuning -> speculation -> parallel -> sampling -> models -> quantization -> layers -> weights -> config,
 then textgen_kernels (docs/ARCHITECTURE.md). An import under `if TYPE_CHECKING:` (annotations only) is exempt."""
 import ast
 from pathlib import Path
@@ -9,8 +9,8 @@ import pytest
 pytestmark = pytest.mark.unit
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-ROOMS = ["cli", "serving", "engine", "adapters", "prompt_tuning", "speculation", "sampling",
-         "models", "quantization", "layers", "weights", "config"]
+ROOMS = ["cli", "serving", "engine", "adapters", "prompt_tuning", "speculation", "parallel",
+         "sampling", "models", "quantization", "layers", "weights", "config"]
 
 
 def _room(dotted: str) -> str | None:

@@ -23,7 +23,7 @@ TGI_FLAGS = ["--model-id", "--revision", "--validation-workers", "--sharded", "-
              "--cuda-memory-fraction", "--rope-scaling", "--rope-factor", "--json-output",
              "--otlp-endpoint", "--tokenizer-config-path", "-e", "--env",
              "--max-client-batch-size", "--download-only", "--tls-cert-path", "--tls-key-path",
-             "--tls-client-ca-cert-path"]
+             "--tls-client-ca-cert-path", "--master-addr", "--master-port"]
 
 
 def parse(argv):
@@ -43,12 +43,14 @@ def test_flags_and_env_vars(monkeypatch, tmp_path):
     monkeypatch.setenv("PORT", "9000")
     monkeypatch.setenv("MAX_INPUT_LENGTH", "100")
     monkeypatch.setenv("SHARDED", "false")
+    monkeypatch.setenv("MASTER_PORT", "29501")
     monkeypatch.setenv("TRUST_REMOTE_CODE", "true")
     monkeypatch.setenv("TLS_CERT_PATH", str(cert))
     monkeypatch.setenv("TLS_KEY_PATH", str(key))
     engine, server = parse(["--model-id", "m", "--num-shard", "1", "--validation-workers", "2"])
     assert (engine.max_input_tokens, engine.sharded, engine.num_shard) == (100, False, 1)
     assert engine.trust_remote_code and engine.validation_workers == 2
+    assert (engine.master_addr, engine.master_port) == ("127.0.0.1", 29501)
     assert server.http_port == 9000 and server.tls_cert_path == str(cert)
     assert server.tritonserver_options() == ["--grpc-use-ssl=true", f"--grpc-server-cert={cert}",
                                              f"--grpc-server-key={key}"]
@@ -85,8 +87,9 @@ def test_unsupported_values_name_the_flag_and_the_choices(monkeypatch, capsys, a
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--num-shard", "2"], "--num-shard must be 1 and --sharded false"),
-    (["--sharded", "true"], "tensor parallelism is not implemented yet"),
+    (["--num-shard", "2", "--sharded", "false"], "--sharded false contradicts --num-shard 2"),
+    (["--num-shard", "1", "--sharded", "true"], "--sharded true needs --num-shard of 2 or more"),
+    (["--num-shard", "0"], "num_shard must be >= 1, got 0"),
     (["--tls-key-path", "k.pem"], "give both --tls-cert-path and --tls-key-path"),
     (["--tls-client-ca-cert-path", "ca.pem"], "needs --tls-cert-path and --tls-key-path"),
     (["--tls-cert-path", "/absent.pem", "--tls-key-path", "/absent.pem"],

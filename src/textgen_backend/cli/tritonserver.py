@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from textgen_backend.config import default_cache_root
+from textgen_backend.parallel import MULTICAST_OFF
 from textgen_backend.serving.drain import DrainFiles
 
 logger = logging.getLogger("textgen")
@@ -63,9 +64,12 @@ def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     the virtualenv activated, the interpreter's own libpython first on LD_LIBRARY_PATH, no
     working directory on sys.path (PYTHONSAFEPATH: a folder there named like a package, e.g. a
     `kernels/` beside the user, would shadow it), and Triton's compiled-kernel cache under the
-    textgen cache so that a second start does not compile again."""
+    textgen cache so that a second start does not compile again; NVLink multicast off for
+    the shards' NCCL (parallel/__init__.py)."""
     env = dict(os.environ if base is None else base)
     env["PYTHONSAFEPATH"] = "1"
+    for key, value in MULTICAST_OFF.items():
+        env.setdefault(key, value)
     env.setdefault("TRITON_CACHE_DIR", str(default_cache_root() / "triton-kernels"))
     if sys.prefix != sys.base_prefix:
         env["VIRTUAL_ENV"] = sys.prefix

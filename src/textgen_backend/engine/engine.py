@@ -26,6 +26,8 @@ from textgen_backend.engine.stats import EngineStats, StepStats
 from textgen_backend.models.config import ModelConfig
 from textgen_backend.engine.model_runner import ModelRunner
 from textgen_backend.models import build_model, model_class
+from textgen_backend.parallel.group import ShardGroup, TensorParallel, world_size
+from textgen_backend.parallel.layout import ShardLayout
 from textgen_backend.sampling.params import SamplingParams, StoppingParams
 from textgen_backend.quantization.fp8_checkpoint import dequantize_fp8_weights, read_fp8_checkpoint
 from textgen_backend.quantization.schemes import ON_THE_FLY, quantize_projections
@@ -51,6 +53,96 @@ def choose_dtype(config: EngineConfig, model_config: ModelConfig,
     return torch.float16 if model_config.torch_dtype == "float16" else torch.bfloat16
 
 
+def kv_cache_dtype(config: EngineConfig, dtype: torch.dtype,
+                   device: torch.device) -> torch.dtype:
+    """--kv-cache-dtype: the model's dtype, or float8 e4m3 where the device has it (the CPU,
+    and GPUs of compute capability 8.9 or more: Ada, Hopper and later)."""
+    if config.kv_cache_dtype == "auto":
+        return dtype
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise ValueError(f"--kv-cache-dtype {config.kv_cache_dtype}: this GPU "
+                             f"(compute capability {capability[0]}.{capability[1]}) has no "
+                             f"fp8 conversions; it needs 8.9 or more (Ada, Hopper)")
+    return torch.float8_e4m3fn
+
+
+def build_runner(config: EngineConfig, model_dir: Path, device: torch.device,
+                 tp: TensorParallel | None = None) -> ModelRunner:
+    """The model (this rank's shard of it when tp is given) loaded into a model runner."""
+    model_config = ModelConfig.from_dir(model_dir).with_rope_override(
+        config.rope_scaling, config.rope_factor)
+    dtype = choose_dtype(config, model_config, device)
+    model = load_model(config, model_config, model_dir, device, dtype, tp)
+    return ModelRunner(model, model_config, device, dtype, config.block_size,
+                       model_config.eos_token_ids, config.watermark_gamma,
+                       config.watermark_delta, kv_cache_dtype(config, dtype, device))
+
+
+def _check_shardable(config: EngineConfig, model_config: ModelConfig, model_dir: Path,
+                     shards: int) -> None:
+    """What tensor parallelism does not cover yet, refused before any worker starts."""
+    ShardLayout(0, shards, model_config)  # the heads and MLP split evenly
+    if config.max_lora_rank:
+        raise ValueError(f"--num-shard {shards}: LoRA adapters are not sharded yet; serve the "
+                         "base model with --max-lora-rank 0")
+    on_the_fly = config.quantize in ON_THE_FLY or read_fp8_checkpoint(model_dir) is not None
+    quant = None if on_the_fly else resolve_quant_config(model_dir, config.quantize,
+                                                         config.load_format)
+    if quant is not None:
+        raise ValueError(f"--num-shard {shards}: {quant.method} checkpoints are not sharded "
+                         "yet (dense and fp8 checkpoints are, and --quantize eetq, fp8, "
+                         "bitsandbytes*)")
+
+
+def load_model(config: EngineConfig, model_config: ModelConfig, model_dir: Path,
+               device: torch.device, dtype: torch.dtype, tp: TensorParallel | None = None):
+    """The checkpoint's weights in our model: quantized ones as they are, dense ones quantized
+    now if --quantize asks; with tp, this rank's shard (parallel/layout.py)."""
+    ops = select_ops(device, config.disable_custom_kernels)
+    on_the_fly = config.quantize if config.quantize in ON_THE_FLY else None
+    fp8 = read_fp8_checkpoint(model_dir)
+    if fp8 is not None:  # a published fp8 checkpoint: served as --quantize fp8
+        if config.quantize not in (None, "fp8"):
+            raise ValueError(f"--quantize {config.quantize}, but {model_dir} is an "
+                             f"fp8 checkpoint ({fp8.format}): serve it with --quantize fp8 "
+                             "or without the flag")
+        logger.info("[textgen] the checkpoint is fp8 (%s): serving it as --quantize fp8",
+                    fp8.format)
+        on_the_fly = "fp8"
+    quant = None if fp8 else resolve_quant_config(
+        model_dir, None if on_the_fly else config.quantize, config.load_format)
+    if on_the_fly and quant is not None:
+        raise ValueError(f"--quantize {on_the_fly} quantizes a dense checkpoint while loading "
+                         f"it, but {model_dir} is already {quant.method}-quantized (serve it "
+                         f"with --quantize {quant.method})")
+    layout = None
+    if tp is not None:
+        layout = ShardLayout(tp.rank, tp.world_size, model_config)
+        model_config = layout.local_config
+    if quant is not None:
+        logger.info("[textgen] %s: %d bits, group_size %d, desc_act %s, format %s",
+                    quant.method, quant.bits, quant.group_size, quant.desc_act,
+                    quant.checkpoint_format)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = build_model(model_config, ops, quant, tp)
+    finally:
+        torch.set_default_dtype(previous)
+    if config.load_format != "dummy":
+        weights_dir = Path(config.weights_cache_override or model_dir)
+        weights = iterate_weights(weights_dir, config.load_format)
+        if fp8 is not None:
+            weights = dequantize_fp8_weights(weights, fp8.block)
+        model.load_weights(weights if layout is None else layout.shard_weights(weights))
+    if on_the_fly:
+        quantize_projections(model, on_the_fly, ops)
+    return model.eval()
+
+
 class Engine:
     def __init__(self, config: EngineConfig, model_dir: Path, device: torch.device | None = None):
         self.config = config
@@ -59,11 +151,27 @@ class Engine:
             config.rope_scaling, config.rope_factor)
         self.dtype = choose_dtype(config, self.model_config, self.device)
         started = time.monotonic()
-        model = self._load_model(model_dir)
-        eos = self.model_config.eos_token_ids
-        self.runner = ModelRunner(model, self.model_config, self.device, self.dtype,
-                                  config.block_size, eos, config.watermark_gamma,
-                                  config.watermark_delta, self._kv_cache_dtype())
+        shards = world_size(config)
+        self.shards = None
+        if shards > 1:
+            _check_shardable(config, self.model_config, model_dir, shards)
+            self.shards = ShardGroup(config, model_dir, self.device, shards,
+                                     f"{__name__}:build_runner")
+        try:
+            self._start(model_dir, started)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, model_dir: Path, started: float) -> None:
+        """Loads the model (every rank its shard), sizes the KV cache, compiles and captures."""
+        config = self.config
+        self.runner = build_runner(config, model_dir, self.device,
+                                   self.shards.tp if self.shards else None)
+        self.runner.shards = self.shards
+        if self.runner.kv_cache_dtype != self.dtype:
+            logger.info("[textgen] KV cache in float8 e4m3 (saturating at +-448, no scales)")
+        model, eos = self.runner.model, self.model_config.eos_token_ids
         self.adapters = self._adapter_residency(model)
         self.runner.lora_batch = self.adapters.slots.batch if self.adapters else None
         self.runner.medusa = (load_medusa(model_dir, self.model_config.hidden_size,
@@ -114,59 +222,6 @@ class Engine:
         logger.info("[textgen] speculative decoding: %d %s drafts per step, at most %d "
                     "sequences", drafts, method, c.speculation_max_batch_size)
         return Speculator(drafts, c.speculation_max_batch_size, method, self.block_manager)
-
-    def _kv_cache_dtype(self) -> torch.dtype:
-        """--kv-cache-dtype: the model's dtype, or float8 e4m3 where the device has it (the CPU,
-        and GPUs of compute capability 8.9 or more: Ada, Hopper and later)."""
-        if self.config.kv_cache_dtype == "auto":
-            return self.dtype
-        if self.device.type == "cuda":
-            capability = torch.cuda.get_device_capability(self.device)
-            if capability < (8, 9):
-                raise ValueError(f"--kv-cache-dtype {self.config.kv_cache_dtype}: this GPU "
-                                 f"(compute capability {capability[0]}.{capability[1]}) has no "
-                                 "fp8 conversions; it needs 8.9 or more (Ada, Hopper)")
-        logger.info("[textgen] KV cache in float8 e4m3 (saturating at +-448, no scales)")
-        return torch.float8_e4m3fn
-
-    def _load_model(self, model_dir: Path):
-        ops = select_ops(self.device, self.config.disable_custom_kernels)
-        on_the_fly = self.config.quantize if self.config.quantize in ON_THE_FLY else None
-        fp8 = read_fp8_checkpoint(model_dir)
-        if fp8 is not None:  # a published fp8 checkpoint: served as --quantize fp8
-            if self.config.quantize not in (None, "fp8"):
-                raise ValueError(f"--quantize {self.config.quantize}, but {model_dir} is an "
-                                 f"fp8 checkpoint ({fp8.format}): serve it with --quantize fp8 "
-                                 "or without the flag")
-            logger.info("[textgen] the checkpoint is fp8 (%s): serving it as --quantize fp8",
-                        fp8.format)
-            on_the_fly = "fp8"
-        quant = None if fp8 else resolve_quant_config(
-            model_dir, None if on_the_fly else self.config.quantize, self.config.load_format)
-        if on_the_fly and quant is not None:
-            raise ValueError(f"--quantize {on_the_fly} quantizes a dense checkpoint while loading "
-                             f"it, but {model_dir} is already {quant.method}-quantized (serve it "
-                             f"with --quantize {quant.method})")
-        if quant is not None:
-            logger.info("[textgen] %s: %d bits, group_size %d, desc_act %s, format %s",
-                        quant.method, quant.bits, quant.group_size, quant.desc_act,
-                        quant.checkpoint_format)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-        try:
-            with torch.device(self.device):
-                model = build_model(self.model_config, ops, quant)
-        finally:
-            torch.set_default_dtype(previous)
-        if self.config.load_format != "dummy":
-            weights_dir = Path(self.config.weights_cache_override or model_dir)
-            weights = iterate_weights(weights_dir, self.config.load_format)
-            if fp8 is not None:
-                weights = dequantize_fp8_weights(weights, fp8.block)
-            model.load_weights(weights)
-        if on_the_fly:
-            quantize_projections(model, on_the_fly, ops)
-        return model.eval()
 
     def _adapter_residency(self, model) -> AdapterResidency | None:
         """Adapter slots (before the KV cache is sized: they come out of its budget) and the
@@ -339,6 +394,12 @@ class Engine:
         return dict(active_adapters=self.adapters.num_active, adapter_loads=counters.loads,
                     adapter_evictions=counters.evictions, adapter_load_failures=counters.failures,
                     adapter_load_seconds=seconds)
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers, if any (nothing else outlives the process)."""
+        if self.shards is not None:
+            self.shards.close()
+            self.shards = None
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborted)

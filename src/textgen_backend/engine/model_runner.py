@@ -4,6 +4,7 @@ sync is reading the sampled tokens."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from textgen_backend.engine.cuda_graphs import (DecodeGraphs, PrefillGraphs, Ste
 from textgen_backend.layers.attention import AttentionMetadata
 from textgen_backend.layers.lora import LoraBatch
 from textgen_backend.models.config import ModelConfig
+from textgen_backend.parallel.group import ShardGroup, collective
 from textgen_backend.sampling.grammar import GrammarMatchers
 from textgen_backend.sampling.sampler import SampleOutput, build_sampling_batch, sample
 from textgen_backend.speculation.medusa import MedusaHeads
@@ -54,6 +56,27 @@ class StepInputs:
 
 
 @dataclass
+class ForwardStep:
+    """A step as every tensor-parallel rank runs it: host data only (rank 0 sends it to the
+    others, which run the same forward and collectives; rank 0 alone samples)."""
+    arrays: StepArrays
+    varlen: bool                      # packed prompts / drafts, not one token per sequence
+    graphs: str | None                # the runner's graph set replaying it, or None: eager
+    completes: list[bool]             # which sequences are sampled (a graph's logits rows)
+    sampled_rows: np.ndarray          # eager: the hidden rows sampled
+    soft_prompts: tuple[np.ndarray, torch.Tensor] | None  # virtual tokens' rows, embeddings
+    detail_spans: list[tuple[int, int]]  # hidden rows [first, last) prompt details need
+    keep_hidden_rows: bool            # Medusa drafts from the sampled rows' hidden states
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor              # [sampled rows, vocab] float32
+    hidden_rows: torch.Tensor | None = None
+    detail_logits: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+
+@dataclass
 class StepResult:
     sampled: SampleOutput
     prompt_logprobs: dict[int, list[TokenLogprob | None]] | None  # by sequence id
@@ -81,10 +104,12 @@ class ModelRunner:
         self.grammars: GrammarMatchers | None = None    # set when grammars are served
         self.medusa: MedusaHeads | None = None          # set when speculating with Medusa
         self._staging = torch.empty(0, dtype=torch.int32)
+        self.shards: ShardGroup | None = None           # rank 0's, when tensor-parallel
 
     def _pinned(self, size: int) -> torch.Tensor:
         """A pinned host buffer of at least `size` int32s, reused from step to step (each step
-        ends with a sync, so the previous step's copy out of it has finished)."""
+        ends with a sync, so the previous step's copy out of it has finished; on a
+        tensor-parallel worker, rank 0's sync, which the step's collectives wait for)."""
         if len(self._staging) < size:
             self._staging = torch.empty(2 * size, dtype=torch.int32).pin_memory()
         return self._staging[:size]
@@ -95,19 +120,22 @@ class ModelRunner:
         return inputs.to(self.device, self._pinned(len(inputs.host)))
 
     def kv_bytes_per_block(self) -> int:
-        c = self.model_config
-        per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.kv_cache_dtype.itemsize
-        return per_token * self.block_size
+        """On this rank (whose attention layers hold their share of the KV heads)."""
+        layers = self.model.attention_layers()
+        per_token = 2 * len(layers) * layers[0].num_kv_heads * layers[0].head_dim
+        return per_token * self.kv_cache_dtype.itemsize * self.block_size
 
+    @collective
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        c = self.model_config
-        shape = (num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        layers = self.model.attention_layers()
+        shape = (num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
         self.kv_caches = []
         for attn in self.model.attention_layers():
             attn.k_cache = torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device)
             attn.v_cache = torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device)
             self.kv_caches.append((attn.k_cache, attn.v_cache))
 
+    @collective
     def capture_cuda_graphs(self, decode_batch_sizes: tuple[int, ...],
                             prefill_token_counts: tuple[int, ...],
                             max_blocks_per_seq: int) -> None:
@@ -133,37 +161,20 @@ class ModelRunner:
         sampled_seqs = [s for s, done in zip(out.seqs, completes) if done]
         sampled_drafts = [d for d, done in zip(out.drafts, completes) if done]
         varlen = out.is_prefill or out.draft_ids is not None
-        prompt_logprobs = hidden_rows = None
         arrays = (self._prefill_arrays(out.seqs, out.num_new_tokens, out.drafts) if varlen
                   else self._decode_arrays(out.seqs))
+        details = self._detail_spans(out) if out.is_prefill else []
         graphs = self._graphs_for(out, arrays)
-        if graphs is not None:
-            logits = graphs.run(arrays, self._pinned)
-            if len(sampled_seqs) < len(out.seqs):
-                logits = logits[torch.tensor(completes, device=logits.device)]
-        else:
-            inputs = StepInputs(arrays.ids, arrays.positions, arrays.slots, arrays.context_lens,
-                                arrays.cu_seqlens, self._tables(arrays.block_ids))
-            ids, positions, slots, context_lens, cu_seqlens, tables = self._upload(inputs)
-            meta = AttentionMetadata(is_decode=not varlen, slot_mapping=slots,
-                                     context_lens=context_lens, block_tables=tables,
-                                     cu_seqlens_q=cu_seqlens,
-                                     max_seqlen_q=inputs.max_seqlen_q)
-            if arrays.lora_slots is not None:
-                self.lora_batch.slot_of_token = torch.from_numpy(arrays.lora_slots).to(
-                    self.device)
-            try:
-                hidden = self.model(ids, positions, meta, self._soft_prompts(out, inputs))
-            finally:
-                if self.lora_batch is not None:
-                    self.lora_batch.slot_of_token = None
-            rows = _sampled_rows(inputs.cu_seqlens, completes, out.drafts)
-            hidden_rows = hidden[torch.from_numpy(rows).to(self.device)]
-            logits = self.model.compute_logits(hidden_rows)
-            if out.is_prefill:
-                prompt_logprobs = self._prompt_logprobs(out.seqs, hidden, ids, inputs)
+        forward = self.forward(ForwardStep(
+            arrays, varlen, graphs, completes,
+            _sampled_rows(arrays.cu_seqlens, completes, out.drafts),
+            self._soft_prompts(out, arrays.cu_seqlens),
+            [(first, end - 1) for _, first, end in details], self.medusa is not None))
+        prompt_logprobs = (self._prompt_logprobs(details, forward.detail_logits, arrays.ids)
+                           if details else None)
         if not sampled_seqs:  # prefill chunks only
             return StepResult(SampleOutput([]), prompt_logprobs)
+        logits = forward.logits
         positions = _draft_positions(sampled_seqs, sampled_drafts)
         if self.grammars is not None:
             # filled on the host while the GPU still runs the forward pass (no sync before)
@@ -173,18 +184,54 @@ class ModelRunner:
         sampling = build_sampling_batch(positions, self.eos_token_ids,
                                         self.model_config.vocab_size, self.device,
                                         self.watermark_gamma, self.watermark_delta)
-        next_drafts = self.medusa(hidden_rows).tolist() if self.medusa is not None else None
+        next_drafts = (self.medusa(forward.hidden_rows).tolist() if self.medusa is not None
+                       else None)
         return StepResult(sample(logits, sampling), prompt_logprobs, next_drafts)
 
-    def _graphs_for(self, out: SchedulerOutput, arrays: StepArrays):
-        """The graphs that can run this step, or None to run it eagerly. Prefills that want
+    @collective
+    @torch.inference_mode()
+    def forward(self, step: ForwardStep) -> ForwardOutput:
+        """The step's forward pass (a CUDA graph's replay, or eager), up to the logits of the
+        rows sampled and those prompt details need; every tensor-parallel rank runs it."""
+        if step.graphs is not None:
+            logits = getattr(self, step.graphs).run(step.arrays, self._pinned)
+            if not all(step.completes):
+                logits = logits[torch.tensor(step.completes, device=logits.device)]
+            return ForwardOutput(logits)
+        a = step.arrays
+        inputs = StepInputs(a.ids, a.positions, a.slots, a.context_lens, a.cu_seqlens,
+                            self._tables(a.block_ids))
+        ids, positions, slots, context_lens, cu_seqlens, tables = self._upload(inputs)
+        meta = AttentionMetadata(is_decode=not step.varlen, slot_mapping=slots,
+                                 context_lens=context_lens, block_tables=tables,
+                                 cu_seqlens_q=cu_seqlens, max_seqlen_q=inputs.max_seqlen_q)
+        soft_prompts = None
+        if step.soft_prompts is not None:
+            rows, vectors = step.soft_prompts
+            soft_prompts = (torch.from_numpy(rows).to(self.device), vectors.to(self.device))
+        if a.lora_slots is not None:
+            self.lora_batch.slot_of_token = torch.from_numpy(a.lora_slots).to(self.device)
+        try:
+            hidden = self.model(ids, positions, meta, soft_prompts)
+        finally:
+            if self.lora_batch is not None:
+                self.lora_batch.slot_of_token = None
+        hidden_rows = hidden[torch.from_numpy(step.sampled_rows).to(self.device)]
+        return ForwardOutput(self.model.compute_logits(hidden_rows),
+                             hidden_rows if step.keep_hidden_rows else None,
+                             [self.model.compute_logits(hidden[first:last])
+                              for first, last in step.detail_spans])
+
+    def _graphs_for(self, out: SchedulerOutput, arrays: StepArrays) -> str | None:
+        """The graphs that can run this step (the attribute's name), or None to run it eagerly. Prefills that want
         prompt token details need every position's hidden state, Medusa the sampled rows', and
         steps with drafts every draft position's logits: those run eagerly."""
         if self.medusa is not None or out.draft_ids is not None:
             return None
         if not out.is_prefill:
-            graphs = self.decode_graphs if arrays.lora_slots is None else self.adapter_decode_graphs
-            return graphs if graphs is not None and graphs.fits(len(out.seqs)) else None
+            name = "decode_graphs" if arrays.lora_slots is None else "adapter_decode_graphs"
+            graphs = getattr(self, name)
+            return name if graphs is not None and graphs.fits(len(out.seqs)) else None
         if arrays.lora_slots is not None or any(s.prefix is not None for s in out.seqs):
             return None  # prefills with adapters or soft prompts run eagerly
         graphs = self.prefill_graphs
@@ -192,39 +239,47 @@ class ModelRunner:
             return None
         if any(s.details.input_details and not s.input_details_done for s in out.seqs):
             return None
-        return graphs
+        return "prefill_graphs"
 
-    def _soft_prompts(self, out: SchedulerOutput, inputs: StepInputs):
+    def _soft_prompts(self, out: SchedulerOutput, cu_seqlens: np.ndarray):
         """(rows, embeddings) of the virtual tokens of a prefill's soft prompts, or None."""
         if not out.is_prefill or all(s.prefix is None for s in out.seqs):
             return None
         # virtual tokens computed in this step: [start, end) of the soft prompt at `row`
         spans = [(row, s.num_computed_tokens, min(s.num_computed_tokens + n, s.num_virtual_tokens),
                   s.prefix_embeddings)
-                 for row, s, n in zip(inputs.cu_seqlens, out.seqs, out.num_new_tokens)
+                 for row, s, n in zip(cu_seqlens, out.seqs, out.num_new_tokens)
                  if s.prefix is not None and s.num_computed_tokens < s.num_virtual_tokens]
         if not spans:
             return None
         rows = np.concatenate([np.arange(row, row + end - start)
                                for row, start, end, _ in spans])
-        return (torch.from_numpy(rows).to(self.device),
-                torch.cat([e[start:end] for _, start, end, e in spans]))
+        vectors = torch.cat([e[start:end] for _, start, end, e in spans])
+        # the other ranks get them pickled: from host memory, not from this rank's device
+        return rows, (vectors if self.shards is None else vectors.cpu())
 
-    def _prompt_logprobs(self, seqs, hidden, ids, inputs: StepInputs):
-        """{seq_id: details of each prompt token} for sequences that asked (first prefill only):
-        token j's logprob comes from position j - 1; the first token has none, unless a soft
-        prompt precedes it (its virtual tokens get no details)."""
-        wanted = [(i, s) for i, s in enumerate(seqs)
-                  if s.details.input_details and not s.input_details_done]
-        if not wanted:
-            return None
+    @staticmethod
+    def _detail_spans(out: SchedulerOutput) -> list[tuple[Sequence, int, int]]:
+        """(sequence, first, end) for sequences that asked for prompt token details (first
+        prefill only): the step's rows [first, end) hold its prompt, from the position before
+        its first real token when a soft prompt precedes it (virtual tokens get no details)."""
+        cu_seqlens = np.concatenate([[0], np.cumsum(out.num_new_tokens)])
+        spans = []
+        for i, s in enumerate(out.seqs):
+            if s.details.input_details and not s.input_details_done:
+                start = cu_seqlens[i] + s.num_virtual_tokens  # the first real token
+                spans.append((s, start - 1 if s.num_virtual_tokens else start,
+                              cu_seqlens[i + 1]))
+        return spans
+
+    @staticmethod
+    def _prompt_logprobs(spans, logits: list[torch.Tensor], ids: list[int]):
+        """{seq_id: details of each prompt token}: token j's logprob comes from position j - 1;
+        the first token has none, unless a soft prompt precedes it."""
         result = {}
-        for i, s in wanted:
-            start = inputs.cu_seqlens[i] + s.num_virtual_tokens  # the first real token
-            end = inputs.cu_seqlens[i + 1]
-            first = start - 1 if s.num_virtual_tokens else start
-            log_probs = torch.log_softmax(self.model.compute_logits(hidden[first:end - 1]), -1)
-            targets = ids[first + 1:end].long()
+        for (s, first, end), span_logits in zip(spans, logits):
+            log_probs = torch.log_softmax(span_logits, -1)
+            targets = torch.tensor(ids[first + 1:end], device=log_probs.device)
             chosen = log_probs.gather(1, targets[:, None])[:, 0]
             ranks = (log_probs > chosen[:, None]).sum(dim=-1) + 1
             n = s.details.top_n_tokens

@@ -23,5 +23,7 @@ def model_class(config: ModelConfig) -> type[nn.Module]:
                          f"(supported: {', '.join(MODEL_REGISTRY)})") from None
 
 
-def build_model(config: ModelConfig, ops: Ops, quant: QuantConfig | None = None) -> nn.Module:
-    return model_class(config)(config, ops, quant)
+def build_model(config: ModelConfig, ops: Ops, quant: QuantConfig | None = None,
+                tp=None) -> nn.Module:
+    """tp: a tensor-parallel rank's collectives (parallel/group.py), config then its share."""
+    return model_class(config)(config, ops, quant, tp)

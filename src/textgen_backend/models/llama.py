@@ -6,7 +6,7 @@ packed into one [num_tokens, hidden] tensor, whatever the number of sequences.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from torch import nn
@@ -16,8 +16,12 @@ from textgen_backend.layers.ops import Ops
 from textgen_backend.layers.quantized_linear import QuantizedWeightLoader, make_linear
 from textgen_backend.layers.rmsnorm import RMSNorm
 from textgen_backend.layers.rotary import RotaryEmbedding
+from textgen_backend.layers.vocab_parallel import VocabParallelEmbedding
 from textgen_backend.models.config import ModelConfig
 from textgen_backend.weights.quantization import QuantConfig
+
+if TYPE_CHECKING:
+    from textgen_backend.parallel.group import TensorParallel
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,10 @@ class ProjectionTarget:
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, ops: Ops, qkv_bias: bool, o_bias: bool,
-                 sliding_window: int | None, quant: QuantConfig | None = None):
+                 sliding_window: int | None, quant: QuantConfig | None = None,
+                 tp: TensorParallel | None = None):
         super().__init__()
+        self.tp = tp
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
@@ -54,31 +60,36 @@ class LlamaAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v.contiguous(), meta)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        out = self.o_proj(self.attn(q, k, v.contiguous(), meta).reshape(-1, self.q_size))
+        return out if self.tp is None else self.tp.all_reduce(out)  # row-parallel o_proj
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, ops: Ops, quant: QuantConfig | None = None):
+    def __init__(self, config: ModelConfig, ops: Ops, quant: QuantConfig | None = None,
+                 tp: TensorParallel | None = None):
         super().__init__()
         self.ops = ops
+        self.tp = tp
         self.gate_up_proj = make_linear(config.hidden_size, 2 * config.intermediate_size, False,
                                         ops, quant)
         self.down_proj = make_linear(config.intermediate_size, config.hidden_size, False, ops,
                                      quant)
 
     def forward(self, hidden):
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(hidden)))
+        out = self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(hidden)))
+        return out if self.tp is None else self.tp.all_reduce(out)  # row-parallel down_proj
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, ops: Ops, qkv_bias: bool, o_bias: bool,
-                 sliding_window: int | None, quant: QuantConfig | None = None):
+                 sliding_window: int | None, quant: QuantConfig | None = None,
+                 tp: TensorParallel | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(ops, config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, ops, qkv_bias, o_bias, sliding_window, quant)
+        self.self_attn = LlamaAttention(config, ops, qkv_bias, o_bias, sliding_window, quant,
+                                        tp)
         self.post_attention_layernorm = RMSNorm(ops, config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, ops, quant)
+        self.mlp = LlamaMLP(config, ops, quant, tp)
 
     def forward(self, positions, hidden, residual, meta):
         if residual is None:
@@ -98,19 +109,27 @@ class LlamaForCausalLM(nn.Module):
     )
     qkv_bias = False
 
-    def __init__(self, config: ModelConfig, ops: Ops, quant: QuantConfig | None = None):
-        """quant: GPTQ / AWQ projections (embeddings, norms and lm_head stay dense)."""
+    def __init__(self, config: ModelConfig, ops: Ops, quant: QuantConfig | None = None,
+                 tp: TensorParallel | None = None):
+        """quant: GPTQ / AWQ projections (embeddings, norms and lm_head stay dense).
+        tp: this rank's collectives when sharded; config then has its share of the heads and
+        MLP columns (parallel/layout.py), and the vocabulary is split here."""
         super().__init__()
         self.config = config
         self.quant = quant
+        self.tp = tp
         qkv_bias = self.qkv_bias or config.attention_bias
         o_bias = config.attention_bias
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if tp is None:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        else:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, ops, qkv_bias, o_bias, config.sliding_window, quant)
+            LlamaDecoderLayer(config, ops, qkv_bias, o_bias, config.sliding_window, quant, tp)
             for _ in range(config.num_layers))
         self.norm = RMSNorm(ops, config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, self.embed_tokens.weight.shape[0],
+                                 bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -152,7 +171,10 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        if self.tp is not None:  # each rank's part of the vocabulary, padding at the end
+            logits = self.tp.all_gather(logits)[:, :self.config.vocab_size]
+        return logits.float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies checkpoint tensors (HF names) into our parameters, fusing stacked ones."""

@@ -117,7 +117,10 @@ def _child_main(config_json: str, model_dir: str, device: str | None, conn) -> N
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", engine.limits))
-    _EngineLoop(engine, conn).run()
+    loop = _EngineLoop(engine, conn)
+    if engine.shards is not None:
+        engine.shards.on_failure = loop.fail_and_exit
+    loop.run()
 
 
 class _EngineLoop:
@@ -125,6 +128,20 @@ class _EngineLoop:
         self.engine = engine
         self.conn = conn
         self.parent = os.getppid()
+        self._send_lock = threading.Lock()  # the loop's sends, and fail_and_exit's
+
+    def send(self, message: tuple) -> None:
+        with self._send_lock:
+            self.conn.send(message)
+
+    def fail_and_exit(self, message: str) -> None:
+        """A tensor-parallel rank failed (called from its watcher thread while the loop may be
+        stuck in a collective): the parent fails the requests in flight with the cause."""
+        logger.error("[textgen] %s: the engine stops", message)
+        try:
+            self.send(("failed", f"the engine failed: {message}"))
+        finally:
+            os._exit(1)
 
     def run(self) -> None:
         while True:
@@ -135,8 +152,8 @@ class _EngineLoop:
                 return  # the parent is gone: nothing to serve
             except Exception:  # never leave the loop for an engine error: the server would hang
                 logger.exception("[textgen] engine loop error")
-                self.conn.send(("step", self.engine.fail_all("internal engine error"), None,
-                                self.engine.stats(), "error"))
+                self.send(("step", self.engine.fail_all("internal engine error"), None,
+                           self.engine.stats(), "error"))
                 time.sleep(0.1)  # an error that repeats must not spin the loop
 
     def _commands(self) -> list:
@@ -162,9 +179,10 @@ class _EngineLoop:
                 for seq_id in command[1]:
                     engine.abort(seq_id, command[2])
             else:  # shutdown
-                self.conn.send(("step", engine.fail_all("server is shutting down"), None,
-                                engine.stats(), None))
-                self.conn.send(("shutdown",))
+                self.send(("step", engine.fail_all("server is shutting down"), None,
+                           engine.stats(), None))
+                engine.close()
+                self.send(("shutdown",))
                 return False
         if not engine.has_work():
             return True
@@ -182,6 +200,6 @@ class _EngineLoop:
             return True
         if failure is None and engine.last_step is not None:
             failure = engine.last_step.failure  # a step the engine recovered from
-        self.conn.send(("step", outputs, engine.last_step, engine.stats(), failure))
+        self.send(("step", outputs, engine.last_step, engine.stats(), failure))
         return True
 

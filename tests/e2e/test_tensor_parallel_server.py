@@ -1,0 +1,102 @@
+"""--num-shard 2 through the real server on the CPU (gloo, one worker process beside the engine):
+every family token-exact to transformers with concurrent requests under preemption, streamed and
+not, a batch of rows; a worker killed mid-stream fails the request with the cause and stops
+tritonserver (no hang)."""
+from __future__ import annotations
+
+import concurrent.futures as futures
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Reference, _serve, metric
+from textgen_client import TextgenClient, TextgenError
+from tiny_models import build_tiny_model
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = ["The quick brown fox", "Paris is the capital", "Hello world: 12345",
+           "Streams of tokens become text", "Emoji 😀 and 🚀; CJK"]
+# A KV cache of 160 tokens in blocks of 4: eight concurrent requests force preemption.
+SMALL_KV = dict(max_input_tokens=60, max_total_tokens=100, max_batch_total_tokens=160,
+                block_size=4, max_concurrent_requests=16)
+
+
+def _shard_workers(server_pid: int) -> list[int]:
+    """The tensor-parallel worker processes under a tritonserver."""
+    found, pending = [], [server_pid]
+    while pending:
+        parent = pending.pop()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if ppid == parent:
+                pending.append(int(stat.parent.name))
+                if b"textgen_backend.parallel.worker" in cmdline:
+                    found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.fixture(scope="module", params=[("llama", 2), ("mistral", 2), ("qwen2", 2),
+                                        ("llama", 1)],
+                ids=["llama", "mistral", "qwen2", "one-kv-head"])
+def sharded(request, tmp_path_factory):
+    family, kv_heads = request.param
+    model_dir = build_tiny_model(tmp_path_factory.mktemp(f"tp-{family}"), family,
+                                 num_kv_heads=kv_heads)
+    for server in _serve(tmp_path_factory, f"tp-{family}-{kv_heads}", model_id=str(model_dir),
+                         num_shard=2, max_lora_rank=0, **SMALL_KV):
+        yield server, Reference(model_dir)
+
+
+def test_sharded_server_is_token_exact_under_concurrency_and_preemption(sharded, client_for):
+    server, reference = sharded
+    assert len(_shard_workers(server.process.pid)) == 1
+    cases = [(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), 40) for i in range(8)]
+    expected = [reference.greedy(reference.encode(p), n) for p, n in cases]
+
+    def run(case, stream=False):
+        return client_for(server).generate_batch([case[0]], stream=stream,
+                                                 max_tokens=case[1])[0].output_ids
+
+    with futures.ThreadPoolExecutor(len(cases)) as pool:
+        assert list(pool.map(run, cases)) == expected
+        assert list(pool.map(lambda case: run(case, stream=True), cases)) == expected
+    assert metric(server, "textgen_preemptions_total") > 0
+    rows = client_for(server).generate_batch(PROMPTS[:3], max_tokens=12)
+    assert [r.output_ids for r in rows] == [reference.greedy(reference.encode(p), 12)
+                                            for p in PROMPTS[:3]]
+    assert metric(server, "textgen_kv_cache_blocks_used") == 0
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_a_killed_worker_fails_the_stream_and_stops_the_server(tiny_model_dir,
+                                                               tmp_path_factory):
+    for server in _serve(tmp_path_factory, "tp-killed", model_id=str(tiny_model_dir),
+                         num_shard=2, max_lora_rank=0, max_total_tokens=512):
+        [worker] = _shard_workers(server.process.pid)
+        client = TextgenClient(server.grpc_url)
+        try:
+            chunks = client.stream("The quick brown fox", max_tokens=400, ignore_eos=True)
+            next(chunks)                                   # generating now
+            os.kill(worker, signal.SIGKILL)
+            with pytest.raises(TextgenError, match="tensor-parallel worker 1 of 2 exited"):
+                for _ in chunks:
+                    pass
+        finally:
+            client.close()
+        assert _wait(lambda: not server.is_alive(), timeout=90), "tritonserver did not stop"
