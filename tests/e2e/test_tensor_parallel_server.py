@@ -51,7 +51,7 @@ def sharded(request, tmp_path_factory):
     model_dir = build_tiny_model(tmp_path_factory.mktemp(f"tp-{family}"), family,
                                  num_kv_heads=kv_heads)
     for server in _serve(tmp_path_factory, f"tp-{family}-{kv_heads}", model_id=str(model_dir),
-                         num_shard=2, max_lora_rank=0, **SMALL_KV):
+                         num_shard=2, **SMALL_KV):
         yield server, Reference(model_dir)
 
 
@@ -87,7 +87,7 @@ def _wait(predicate, timeout: float) -> bool:
 def test_a_killed_worker_fails_the_stream_and_stops_the_server(tiny_model_dir,
                                                                tmp_path_factory):
     for server in _serve(tmp_path_factory, "tp-killed", model_id=str(tiny_model_dir),
-                         num_shard=2, max_lora_rank=0, max_total_tokens=512):
+                         num_shard=2, max_total_tokens=512):
         [worker] = _shard_workers(server.process.pid)
         client = TextgenClient(server.grpc_url)
         try:

@@ -162,10 +162,83 @@ def test_prompt_details_and_seeded_sampling_equal_one_shard(tmp_path):
         assert [t for t, _ in b.top] == [t for t, _ in a.top] and len(a.top) == 3
 
 
-def test_unsharded_features_are_refused_by_name(tmp_path):
+def test_sharded_adapters_equal_peft_for_each_row_through_slot_reuse(tmp_path):
+    """Each rank holds its share of every adapter (B rows of q/k/v and gate/up, A columns of
+    o and down; the one KV head's LoRA on both ranks); three adapters share two slots, so
+    slots are reloaded on every rank while other rows run."""
+    from lora_adapters import ATTENTION, MLP, PeftReference, save_random_lora
+    from textgen_backend.adapters.catalog import AdapterCatalog
+
+    model_dir = build_tiny_model(tmp_path / "model", "llama", num_kv_heads=1)
+    adapters = {"attn": save_random_lora(model_dir, tmp_path / "attn", 4, ATTENTION, seed=1),
+                "mlp": save_random_lora(model_dir, tmp_path / "mlp", 8, MLP, seed=2),
+                "all": save_random_lora(model_dir, tmp_path / "all", 8, ATTENTION + MLP,
+                                        seed=3)}
+    reference = PeftReference(model_dir)
+    engine = _engine(model_dir, 2, max_lora_rank=8, max_active_adapters=2,
+                     adapter_source="local", adapter_cycle_time_s=0.05, max_total_tokens=128,
+                     max_batch_total_tokens=1024)
+    try:
+        catalog = AdapterCatalog(engine.config, engine.model_config)
+        plan = [None, "attn", "mlp", "all", "attn", "all"]
+        seqs = [Sequence(i, PROMPTS[i % len(PROMPTS)], SamplingParams(),
+                         StoppingParams(max_tokens=10, ignore_eos=True),
+                         adapter=catalog.resolve(str(adapters[name]), "local", "")
+                         if name else None) for i, name in enumerate(plan)]
+        _run(engine, seqs)
+        loads = engine.adapters.counters.loads
+    finally:
+        engine.close()
+    assert loads > 2  # a slot was reloaded
+    for s, name in zip(seqs, plan):
+        expected = reference.greedy(adapters[name] if name else None, s.prompt_ids, 10)
+        assert s.output_ids == expected, name
+    assert seqs[1].output_ids != reference.greedy(None, seqs[1].prompt_ids, 10)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(method="gptq"), dict(method="gptq", checkpoint_format="gptq_v2", sym=True,
+                              group_size=-1),
+    dict(method="gptq", bits=8, group_size=64), dict(method="awq")],
+    ids=["gptq-g32", "gptq-v2-sym-g-1", "gptq-8bit-g64", "awq-g32"])
+def test_sharded_quantized_checkpoints_equal_transformers_on_their_dequantized_twin(
+        tmp_path, variant):
+    """Packed words and groups split along with the projections (GPTQ packs the input rows,
+    AWQ the output columns); a group of 64 spans both ranks' 32 inputs of o_proj."""
+    from transformers import AutoModelForCausalLM
+
+    from quant_checkpoints import write_quantized
+    from textgen_backend.layers.quantized_linear import QuantizedLinear
+
+    quant_dir, ref_dir = write_quantized(build_tiny_model(tmp_path / "m", "qwen2"), tmp_path,
+                                         **variant)
+    hf = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    engine = _engine(quant_dir, 2, max_total_tokens=128, max_batch_total_tokens=512)
+    try:
+        assert isinstance(engine.runner.model.layers[0].mlp.down_proj, QuantizedLinear)
+        seqs = [Sequence(i, p, SamplingParams(), StoppingParams(max_tokens=16))
+                for i, p in enumerate(PROMPTS[:3])]
+        _run(engine, seqs)
+    finally:
+        engine.close()
+    for s in seqs:
+        expected = hf.generate(torch.tensor([s.prompt_ids]), max_new_tokens=16,
+                               do_sample=False)[0, len(s.prompt_ids):].tolist()
+        assert s.output_ids == expected
+
+
+def test_quantized_splits_that_straddle_groups_or_words_are_refused(tmp_path):
+    from quant_checkpoints import write_quantized
+
     model_dir = build_tiny_model(tmp_path / "m", "llama")
-    with pytest.raises(ValueError, match="--num-shard 2: LoRA adapters are not sharded yet"):
-        _engine(model_dir, 2, max_lora_rank=8).close()
+    act_order, _ = write_quantized(model_dir, tmp_path / "a", method="gptq", desc_act=True)
+    with pytest.raises(ValueError, match=r"--num-shard 2: GPTQ act-order \(desc_act\) "
+                                         "checkpoints are not sharded yet"):
+        _engine(act_order, 2).close()
+    g16, _ = write_quantized(model_dir, tmp_path / "b", method="gptq", group_size=48)
+    with pytest.raises(ValueError, match="o_proj's 64 inputs split into parts of 32, across "
+                                         "gptq groups of 48"):
+        _engine(g16, 2).close()
 
 
 def test_nvlink_multicast_is_off_in_the_servers_environment_unless_the_user_set_it():

@@ -20,10 +20,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
 from textgen_backend.adapters.catalog import AdapterRef
 from textgen_backend.adapters.peft_format import AdapterWeights
+from textgen_backend.adapters.shard_loads import ShardedAdapterLoads
 from textgen_backend.adapters.slots import AdapterSlots
 
 logger = logging.getLogger("textgen")
@@ -59,8 +58,11 @@ class AdapterCounters:
 
 class AdapterResidency:
     def __init__(self, slots: AdapterSlots, load: Callable[[AdapterRef], AdapterWeights],
-                 cycle_seconds: float, clock: Callable[[], float] = time.monotonic):
+                 cycle_seconds: float, clock: Callable[[], float] = time.monotonic,
+                 shard_loads: ShardedAdapterLoads | None = None):
+        """shard_loads: tensor-parallel workers load each adapter beside this rank."""
         self.slots = slots
+        self._shard_loads = shard_loads
         self._load = load
         self._cycle_seconds = cycle_seconds
         self._clock = clock
@@ -69,7 +71,6 @@ class AdapterResidency:
         self._loading: dict[str, _Loading] = {}
         self._wanted: OrderedDict[str, AdapterRef] = OrderedDict()  # waiting for a slot
         self._last_cycle = clock()
-        self._device_stream = (torch.cuda.Stream() if slots.device.type == "cuda" else None)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="textgen-adapter-load")
         self.counters = AdapterCounters()
 
@@ -85,7 +86,7 @@ class AdapterResidency:
             raise ValueError(f"--adapter-id names more adapters than the {self.slots.num_slots} "
                              "adapter slots")
         slot = self._free.pop()
-        self._load_into(ref, slot)
+        self._load_into(ref, slot, self._begin_on_shards(ref, slot))
         now = self._clock()
         self._resident[ref.key] = _Resident(ref, slot, True, now, now)
 
@@ -129,8 +130,9 @@ class AdapterResidency:
             if slot is None:
                 break
             del self._wanted[key]
-            self._loading[key] = _Loading(ref, slot, self._worker.submit(self._load_into, ref,
-                                                                         slot), now)
+            future = self._worker.submit(self._load_into, ref, slot,
+                                         self._begin_on_shards(ref, slot))
+            self._loading[key] = _Loading(ref, slot, future, now)
         self._cycle(now)
         for resident in self._resident.values():
             resident.asked = False
@@ -141,16 +143,15 @@ class AdapterResidency:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _load_into(self, ref: AdapterRef, slot: int) -> None:
-        """Reads an adapter and writes it into its reserved slot (on the worker thread, on a
-        stream of its own: the running batch never waits for it)."""
-        weights = self._load(ref)
-        if self._device_stream is None:
-            self.slots.write(slot, weights)
-            return
-        with torch.cuda.stream(self._device_stream):
-            self.slots.write(slot, weights)
-        self._device_stream.synchronize()
+    def _begin_on_shards(self, ref: AdapterRef, slot: int) -> int | None:
+        return self._shard_loads.begin(ref, slot) if self._shard_loads is not None else None
+
+    def _load_into(self, ref: AdapterRef, slot: int, shard_load: int | None) -> None:
+        """Reads an adapter and writes it into its reserved slot (on the loader thread: the
+        running batch never waits for it), then waits for the other shards' writes."""
+        self.slots.write(slot, self._load(ref))
+        if shard_load is not None:
+            self._shard_loads.wait(shard_load)
 
     def _finish_loads(self, now: float) -> list[tuple[AdapterRef, str]]:
         failures = []

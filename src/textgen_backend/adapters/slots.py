@@ -11,6 +11,7 @@ from textgen_backend.layers.lora import LoraBatch, LoraProjection
 from textgen_backend.layers.ops import Ops
 from textgen_backend.models.config import ModelConfig
 from textgen_backend.models.llama import ProjectionTarget
+from textgen_backend.parallel.layout import ShardLayout
 
 
 def _projections(targets: dict[str, ProjectionTarget]) -> dict[str, tuple[int, int, int]]:
@@ -31,10 +32,15 @@ def bytes_per_slot(model_config: ModelConfig, targets: dict[str, ProjectionTarge
 
 class AdapterSlots:
     def __init__(self, model: nn.Module, targets: dict[str, ProjectionTarget], num_slots: int,
-                 max_rank: int, ops: Ops, dtype: torch.dtype, device: torch.device):
+                 max_rank: int, ops: Ops, dtype: torch.dtype, device: torch.device,
+                 layout: ShardLayout | None = None):
         """Wraps each layer's projections in a LoraProjection (after the weights are loaded:
-        the checkpoint's names do not know the wrapper)."""
+        the checkpoint's names do not know the wrapper). targets: the model's as built (a
+        tensor-parallel rank's share; layout then cuts each adapter to it)."""
         self.num_slots, self.max_rank, self.device = num_slots, max_rank, device
+        self.targets, self.layout = targets, layout
+        # writes go on a stream of their own: the running batch never waits for them
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.batch = LoraBatch()
         self.projections: dict[str, LoraProjection] = {}
         for index, layer in enumerate(model.layers):
@@ -49,15 +55,27 @@ class AdapterSlots:
     def write(self, slot: int, adapter: AdapterWeights) -> None:
         """Fills a free slot (the forward never reads it meanwhile: no running sequence uses
         it); the scaling goes into B. Shard i of a fused projection takes ranks
-        [i * R, i * R + r)."""
+        [i * R, i * R + r). Returns once the slot is written."""
+        if self._stream is None:
+            self._write(slot, adapter)
+            return
+        with torch.cuda.stream(self._stream):
+            self._write(slot, adapter)
+        self._stream.synchronize()
+
+    def _write(self, slot: int, adapter: AdapterWeights) -> None:
         self.clear(slot)
         r_max = self.max_rank
-        for (layer, _), piece in adapter.pieces.items():
-            projection = self.projections[f"layers.{layer}.{piece.target.module}"]
-            start, r = piece.target.shard * r_max, piece.rank
-            rows = slice(piece.target.offset, piece.target.offset + piece.target.size)
-            projection.a_slots[slot, start:start + r].copy_(piece.a)
-            projection.b_slots[slot, rows, start:start + r].copy_(piece.b * piece.scaling)
+        for (layer, name), piece in adapter.pieces.items():
+            target = self.targets[name]
+            a, b = piece.a, piece.b
+            if self.layout is not None:
+                a, b = self.layout.shard_lora(name, a, b)
+            projection = self.projections[f"layers.{layer}.{target.module}"]
+            start, r = target.shard * r_max, piece.rank
+            rows = slice(target.offset, target.offset + target.size)
+            projection.a_slots[slot, start:start + r].copy_(a)
+            projection.b_slots[slot, rows, start:start + r].copy_(b * piece.scaling)
 
     def clear(self, slot: int) -> None:
         for projection in self.projections.values():

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from textgen_backend.adapters.catalog import AdapterCatalog
 from textgen_backend.adapters.residency import AdapterResidency
+from textgen_backend.adapters.shard_loads import ShardedAdapterLoads, WorkerAdapterLoads
 from textgen_backend.adapters.slots import AdapterSlots, bytes_per_slot
 from textgen_backend.engine.block_manager import BlockManager
 from textgen_backend.prompt_tuning.cache import PromptCache
@@ -70,36 +71,65 @@ def kv_cache_dtype(config: EngineConfig, dtype: torch.dtype,
 
 def build_runner(config: EngineConfig, model_dir: Path, device: torch.device,
                  tp: TensorParallel | None = None) -> ModelRunner:
-    """The model (this rank's shard of it when tp is given) loaded into a model runner."""
+    """The model (this rank's shard of it when tp is given) loaded into a model runner, with
+    its adapter slots (before the KV cache is sized: they come out of its budget)."""
     model_config = ModelConfig.from_dir(model_dir).with_rope_override(
         config.rope_scaling, config.rope_factor)
     dtype = choose_dtype(config, model_config, device)
-    model = load_model(config, model_config, model_dir, device, dtype, tp)
-    return ModelRunner(model, model_config, device, dtype, config.block_size,
-                       model_config.eos_token_ids, config.watermark_gamma,
-                       config.watermark_delta, kv_cache_dtype(config, dtype, device))
+    layout = ShardLayout(tp.rank, tp.world_size, model_config) if tp is not None else None
+    model = load_model(config, model_config, model_dir, device, dtype, tp, layout)
+    runner = ModelRunner(model, model_config, device, dtype, config.block_size,
+                         model_config.eos_token_ids, config.watermark_gamma,
+                         config.watermark_delta, kv_cache_dtype(config, dtype, device))
+    runner.adapter_slots = adapter_slots(config, model, device, dtype, layout)
+    if runner.adapter_slots is not None:
+        runner.lora_batch = runner.adapter_slots.batch
+        if tp is not None and tp.rank > 0:
+            runner.adapter_loads = WorkerAdapterLoads(
+                runner.adapter_slots, AdapterCatalog(config, model_config).load, tp.rank)
+    return runner
+
+
+def adapter_slots(config: EngineConfig, model, device: torch.device, dtype: torch.dtype,
+                  layout: ShardLayout | None) -> AdapterSlots | None:
+    """--max-active-adapters slots of --max-lora-rank on the model's projections (as this rank
+    holds them), as many as --adapter-memory-fraction of the device holds; None with
+    --max-lora-rank 0."""
+    c = config
+    if c.max_lora_rank == 0:
+        return None
+    targets = model_class(model.config).projection_targets(model.config)
+    per_slot = bytes_per_slot(model.config, targets, c.max_lora_rank, dtype)
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    num_slots = min(c.max_active_adapters, int(c.adapter_memory_fraction * memory // per_slot))
+    if num_slots < 1:
+        raise ValueError(f"adapter_memory_fraction {c.adapter_memory_fraction} holds no "
+                         f"adapter slot of max_lora_rank {c.max_lora_rank} "
+                         f"({per_slot / 2**30:.2f} GiB): raise it or lower max_lora_rank")
+    logger.info("[textgen] %d adapter slots of rank %d (%.2f GiB each)", num_slots,
+                c.max_lora_rank, per_slot / 2**30)
+    return AdapterSlots(model, targets, num_slots, c.max_lora_rank,
+                        model.layers[0].self_attn.attn.ops, dtype, device, layout)
 
 
 def _check_shardable(config: EngineConfig, model_config: ModelConfig, model_dir: Path,
                      shards: int) -> None:
-    """What tensor parallelism does not cover yet, refused before any worker starts."""
-    ShardLayout(0, shards, model_config)  # the heads and MLP split evenly
-    if config.max_lora_rank:
-        raise ValueError(f"--num-shard {shards}: LoRA adapters are not sharded yet; serve the "
-                         "base model with --max-lora-rank 0")
+    """A model tensor parallelism cannot split is refused before any worker starts."""
     on_the_fly = config.quantize in ON_THE_FLY or read_fp8_checkpoint(model_dir) is not None
     quant = None if on_the_fly else resolve_quant_config(model_dir, config.quantize,
                                                          config.load_format)
-    if quant is not None:
-        raise ValueError(f"--num-shard {shards}: {quant.method} checkpoints are not sharded "
-                         "yet (dense and fp8 checkpoints are, and --quantize eetq, fp8, "
-                         "bitsandbytes*)")
+    for rank in range(shards):  # heads, MLP columns and groups split evenly
+        ShardLayout(rank, shards, model_config, quant)
 
 
 def load_model(config: EngineConfig, model_config: ModelConfig, model_dir: Path,
-               device: torch.device, dtype: torch.dtype, tp: TensorParallel | None = None):
+               device: torch.device, dtype: torch.dtype, tp: TensorParallel | None = None,
+               layout: ShardLayout | None = None):
     """The checkpoint's weights in our model: quantized ones as they are, dense ones quantized
-    now if --quantize asks; with tp, this rank's shard (parallel/layout.py)."""
+    now if --quantize asks; with tp, this rank's shard as layout says (parallel/layout.py)."""
     ops = select_ops(device, config.disable_custom_kernels)
     on_the_fly = config.quantize if config.quantize in ON_THE_FLY else None
     fp8 = read_fp8_checkpoint(model_dir)
@@ -117,9 +147,8 @@ def load_model(config: EngineConfig, model_config: ModelConfig, model_dir: Path,
         raise ValueError(f"--quantize {on_the_fly} quantizes a dense checkpoint while loading "
                          f"it, but {model_dir} is already {quant.method}-quantized (serve it "
                          f"with --quantize {quant.method})")
-    layout = None
-    if tp is not None:
-        layout = ShardLayout(tp.rank, tp.world_size, model_config)
+    if layout is not None:
+        layout = dataclasses.replace(layout, quant=quant)
         model_config = layout.local_config
     if quant is not None:
         logger.info("[textgen] %s: %d bits, group_size %d, desc_act %s, format %s",
@@ -172,8 +201,7 @@ class Engine:
         if self.runner.kv_cache_dtype != self.dtype:
             logger.info("[textgen] KV cache in float8 e4m3 (saturating at +-448, no scales)")
         model, eos = self.runner.model, self.model_config.eos_token_ids
-        self.adapters = self._adapter_residency(model)
-        self.runner.lora_batch = self.adapters.slots.batch if self.adapters else None
+        self.adapters = self._adapter_residency()
         self.runner.medusa = (load_medusa(model_dir, self.model_config.hidden_size,
                                           self.model_config.vocab_size, self.dtype, self.device)
                               if config.speculate else None)
@@ -223,33 +251,20 @@ class Engine:
                     "sequences", drafts, method, c.speculation_max_batch_size)
         return Speculator(drafts, c.speculation_max_batch_size, method, self.block_manager)
 
-    def _adapter_residency(self, model) -> AdapterResidency | None:
-        """Adapter slots (before the KV cache is sized: they come out of its budget) and the
-        adapters preloaded with --adapter-id; None with --max-lora-rank 0."""
-        c = self.config
-        if c.max_lora_rank == 0:
+    def _adapter_residency(self) -> AdapterResidency | None:
+        """The adapters preloaded with --adapter-id, and who loads the others; None with
+        --max-lora-rank 0."""
+        c, slots = self.config, self.runner.adapter_slots
+        if slots is None:
             return None
-        targets = model_class(self.model_config).projection_targets(self.model_config)
-        per_slot = bytes_per_slot(self.model_config, targets, c.max_lora_rank, self.dtype)
-        if self.device.type == "cuda":
-            memory = torch.cuda.get_device_properties(self.device).total_memory
-        else:
-            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        num_slots = min(c.max_active_adapters, int(c.adapter_memory_fraction * memory // per_slot))
-        if num_slots < 1:
-            raise ValueError(f"adapter_memory_fraction {c.adapter_memory_fraction} holds no "
-                             f"adapter slot of max_lora_rank {c.max_lora_rank} "
-                             f"({per_slot / 2**30:.2f} GiB): raise it or lower max_lora_rank")
-        slots = AdapterSlots(model, targets, num_slots, c.max_lora_rank, model.layers[
-            0].self_attn.attn.ops, self.dtype, self.device)
         catalog = AdapterCatalog(c, self.model_config)
-        residency = AdapterResidency(slots, catalog.load, c.adapter_cycle_time_s)
+        residency = AdapterResidency(slots, catalog.load, c.adapter_cycle_time_s,
+                                     shard_loads=ShardedAdapterLoads(self.shards)
+                                     if self.shards else None)
         for adapter_id in c.preloaded_adapters:
             residency.preload(catalog.resolve(adapter_id, c.adapter_source, ""))
-        logger.info("[textgen] %d adapter slots of rank %d (%.2f GiB each)%s", num_slots,
-                    c.max_lora_rank, per_slot / 2**30,
-                    f"; preloaded {', '.join(c.preloaded_adapters)}"
-                    if c.preloaded_adapters else "")
+        if c.preloaded_adapters:
+            logger.info("[textgen] preloaded adapters %s", ", ".join(c.preloaded_adapters))
         return residency
 
     def _grammars(self, model_dir: Path) -> GrammarMatchers | None:

@@ -14,6 +14,8 @@ from torch import nn
 
 from textgen_backend.engine.cuda_graphs import (DecodeGraphs, PrefillGraphs, StepArrays,
                                                 fill_block_tables)
+from textgen_backend.adapters.shard_loads import WorkerAdapterLoads
+from textgen_backend.adapters.slots import AdapterSlots
 from textgen_backend.layers.attention import AttentionMetadata
 from textgen_backend.layers.lora import LoraBatch
 from textgen_backend.models.config import ModelConfig
@@ -99,7 +101,9 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.decode_graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
-        self.lora_batch: LoraBatch | None = None        # set when adapters are served
+        self.adapter_slots: AdapterSlots | None = None  # set when adapters are served
+        self.lora_batch: LoraBatch | None = None        # their slots' batch
+        self.adapter_loads: WorkerAdapterLoads | None = None  # a tensor-parallel worker's
         self.adapter_decode_graphs: DecodeGraphs | None = None
         self.grammars: GrammarMatchers | None = None    # set when grammars are served
         self.medusa: MedusaHeads | None = None          # set when speculating with Medusa
@@ -118,6 +122,10 @@ class ModelRunner:
         if self.device.type != "cuda":
             return inputs.to(self.device)
         return inputs.to(self.device, self._pinned(len(inputs.host)))
+
+    def load_adapter(self, load_id: int, ref, slot: int) -> None:
+        """A tensor-parallel worker's share of an adapter rank 0 loads (a call it sends)."""
+        self.adapter_loads.start(load_id, ref, slot)
 
     def kv_bytes_per_block(self) -> int:
         """On this rank (whose attention layers hold their share of the KV heads)."""
