@@ -147,8 +147,9 @@ def test_the_manifests_wire_what_the_server_needs(overlay, tmp_path):
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/data", "/tmp", "/dev/shm"} <= mounts
     assert settings["HUGGINGFACE_HUB_CACHE"] == "/data" and settings["HF_HUB_OFFLINE"] == "1"
-    if "gpu" in overlay or "h200" in overlay:
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    if "gpu" in overlay or "h200" in overlay:  # one GPU per shard
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == settings.get("NUM_SHARD",
+                                                                                 "1")
 
 
 def test_the_tls_component_names_real_flags_and_the_secret(tmp_path):

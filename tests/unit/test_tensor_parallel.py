@@ -247,3 +247,71 @@ def test_nvlink_multicast_is_off_in_the_servers_environment_unless_the_user_set_
     env = server_environment({"PATH": "/bin", "NVSHMEM_DISABLE_NVLS": "0"})
     assert (env["NCCL_NVLS_ENABLE"], env["TORCH_SYMM_MEM_DISABLE_MULTICAST"],
             env["NVSHMEM_DISABLE_NVLS"]) == ("0", "1", "0")
+
+
+_READER = """
+import sys, torch.distributed as dist
+from textgen_backend.parallel.channel import Mailbox
+dist.init_process_group("gloo", init_method=sys.argv[1], rank=1, world_size=2)
+box = Mailbox.attach(sys.argv[2], readers=1)
+got = [box.receive(0, dist.group.WORLD) for _ in range(3)]
+print(got[0], len(got[1]), got[2], flush=True)
+box.close(unlink=False)
+"""
+
+
+def test_the_mailbox_keeps_the_order_when_a_call_goes_over_gloo():
+    """Calls that fit go through shared memory; one larger than the mailbox goes over the
+    process group, announced in the mailbox, and the reader still gets all three in order."""
+    import socket
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+    from textgen_backend.parallel.channel import CAPACITY, Mailbox
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    box = Mailbox.create(readers=1)
+    reader = subprocess.Popen([sys.executable, "-c", _READER, address, box.name],
+                              stdout=subprocess.PIPE, text=True)
+    dist.init_process_group("gloo", init_method=address, rank=0, world_size=2)
+    try:
+        for message in ("first", b"x" * (CAPACITY + 1), ("third", [1, 2])):
+            box.send(message, dist.group.WORLD)
+        out, _ = reader.communicate(timeout=60)
+    finally:
+        dist.destroy_process_group()
+        box.close(unlink=True)
+    assert out.split() == ["first", str(CAPACITY + 1), "('third',", "[1,", "2])"]
+
+
+def test_soft_prompts_and_speculation_equal_one_shard(tmp_path):
+    """Soft prompts' embeddings travel to the workers with the step (their rows replace the
+    token embeddings on every rank); n-gram drafts are verified as extra rows of the step."""
+    from soft_prompts import save_random_prompt_tuning
+    from textgen_backend.prompt_tuning.store import PrefixStore
+
+    model_dir = build_tiny_model(tmp_path / "m", "llama")
+    save_random_prompt_tuning(model_dir, tmp_path / "store" / "four", 4, seed=1)
+    prefixes = PrefixStore(str(tmp_path / "store"), 64)
+    repeating = [5, 17, 42, 9, 11] * 4
+    outputs, accepted = {}, {}
+    for shards in (1, 2):
+        engine = _engine(model_dir, shards, prefix_store_path=str(tmp_path / "store"),
+                         speculate=2, max_total_tokens=128, max_batch_total_tokens=1024)
+        try:
+            seqs = [Sequence(i, prompt, SamplingParams(),
+                             StoppingParams(max_tokens=12, ignore_eos=True),
+                             prefix=prefixes.resolve(prefix))
+                    for i, (prompt, prefix) in enumerate([(PROMPTS[0], "four"), (PROMPTS[0], ""),
+                                                          (repeating, "")])]
+            _run(engine, seqs)
+            outputs[shards] = [s.output_ids for s in seqs]
+            accepted[shards] = engine.speculator.counters.accepted_tokens
+        finally:
+            engine.close()
+    assert outputs[2] == outputs[1]
+    assert outputs[2][0] != outputs[2][1]  # the soft prompt changes the answer
+    assert accepted[2] == accepted[1] > 0

@@ -3,8 +3,9 @@
 runner (`collective`) is sent to the workers first, and every rank then runs the same call on
 its shard, meeting the others in the model's all-reduces. Only rank 0 samples.
 
-Calls travel as pickled objects over a gloo group (host data only: a step's token ids and
-block tables, never activations); the model's collectives use NCCL on GPUs, gloo on the CPU.
+Calls travel as pickled objects through a shared-memory mailbox (`channel.py`; host data
+only: a step's token ids and block tables, never activations); the model's collectives use
+NCCL on GPUs, gloo on the CPU.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch.distributed as dist
 
 from textgen_backend.config import EngineConfig
 from textgen_backend.parallel import MULTICAST_OFF
+from textgen_backend.parallel.channel import Mailbox
 
 logger = logging.getLogger("textgen")
 
@@ -131,12 +133,14 @@ class ShardGroup:
         self.size = size
         self.on_failure = _exit_engine
         self._closing = False
+        self._mailbox = Mailbox.create(readers=size - 1)
         self.workers = [subprocess.Popen(
             [sys.executable, "-m", "textgen_backend.parallel.worker", "--rank", str(rank),
              "--world-size", str(size), "--master-addr", config.master_addr,
              "--master-port", str(port), "--device", str(rank_device(device, rank)),
              "--model-dir", str(model_dir), "--build-runner", build_runner,
-             "--config", config.to_json()]) for rank in range(1, size)]
+             "--mailbox", self._mailbox.name, "--config", config.to_json()])
+            for rank in range(1, size)]
         for rank, worker in enumerate(self.workers, start=1):
             threading.Thread(target=self._watch, args=(rank, worker), daemon=True,
                              name=f"textgen-shard-{rank}-watcher").start()
@@ -151,7 +155,7 @@ class ShardGroup:
                             f"(exit code {code})")
 
     def send(self, name: str, args: tuple) -> None:
-        dist.broadcast_object_list([(name, args)], src=0, group=self._calls)
+        self._mailbox.send((name, args), self._calls)
 
     def fail(self, message: str) -> None:
         self.on_failure(message)
@@ -168,4 +172,5 @@ class ShardGroup:
                 worker.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 worker.kill()
+        self._mailbox.close(unlink=True)
         dist.destroy_process_group()

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from textgen_backend.config import EngineConfig
 from textgen_backend.logs import configure_logging
+from textgen_backend.parallel.channel import Mailbox
 from textgen_backend.parallel.group import init_rank
 
 logger = logging.getLogger("textgen")
@@ -29,11 +30,9 @@ def _exit_with_parent() -> None:
     os._exit(0)
 
 
-def serve(runner, calls) -> None:
+def serve(runner, mailbox: Mailbox, reader: int, calls) -> None:
     while True:
-        message = [None]
-        dist.broadcast_object_list(message, src=0, group=calls)
-        name, args = message[0]
+        name, args = mailbox.receive(reader, calls)
         if name == "stop":
             return
         getattr(runner, name)(*args)
@@ -43,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     for option in ("--rank", "--world-size", "--master-port"):
         parser.add_argument(option, type=int, required=True)
-    for option in ("--master-addr", "--device", "--model-dir", "--build-runner", "--config"):
+    for option in ("--master-addr", "--device", "--model-dir", "--build-runner", "--mailbox",
+                   "--config"):
         parser.add_argument(option, required=True)
     args = parser.parse_args(argv)
     # Stopping is rank 0's call (the engine process ignores these signals too).
@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         build_runner = getattr(importlib.import_module(module), function)
         runner = build_runner(config, Path(args.model_dir), device, tp)
-        serve(runner, calls)
+        mailbox = Mailbox.attach(args.mailbox, args.world_size - 1)
+        serve(runner, mailbox, args.rank - 1, calls)
+        mailbox.close(unlink=False)
     except Exception:
         logger.exception("[textgen] tensor-parallel worker %d failed", args.rank)
         os._exit(1)
