@@ -1,7 +1,7 @@
 """--num-shard 2 through the real server on the CPU (gloo, one worker process beside the engine):
 every family token-exact to transformers with concurrent requests under preemption, streamed and
-not, a batch of rows; a worker killed mid-stream fails the request with the cause and stops
-tritonserver (no hang)."""
+not, a batch of rows; LoRA adapters per row equal to PEFT; a worker killed mid-stream fails the
+request with the cause and stops tritonserver (no hang)."""
 from __future__ import annotations
 
 import concurrent.futures as futures
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Reference, _serve, metric
+from conftest import Reference, _serve, generate_rows, metric
+from lora_adapters import ATTENTION, MLP, PeftReference, save_random_lora
 from textgen_client import TextgenClient, TextgenError
 from tiny_models import build_tiny_model
 
@@ -73,6 +74,24 @@ def test_sharded_server_is_token_exact_under_concurrency_and_preemption(sharded,
     assert [r.output_ids for r in rows] == [reference.greedy(reference.encode(p), 12)
                                             for p in PROMPTS[:3]]
     assert metric(server, "textgen_kv_cache_blocks_used") == 0
+
+
+def test_sharded_server_serves_adapters_per_row_as_peft(tiny_model_dir, tiny_reference,
+                                                        tmp_path_factory, client_for):
+    root = tmp_path_factory.mktemp("tp-adapters")
+    save_random_lora(tiny_model_dir, root / "attn", 4, ATTENTION, seed=1)
+    save_random_lora(tiny_model_dir, root / "all", 8, ATTENTION + MLP, seed=2)
+    peft = PeftReference(tiny_model_dir)
+    names = ["", "attn", "all", "attn"]
+    for server in _serve(tmp_path_factory, "tp-adapters", model_id=str(tiny_model_dir),
+                         num_shard=2, adapter_directory=str(root), adapter_source="local",
+                         max_lora_rank=8, max_total_tokens=256):
+        got = generate_rows(client_for(server), PROMPTS[:4], {"adapter_id": names},
+                            max_tokens=12, ignore_eos=True)
+    expected = [peft.greedy(root / name if name else None, tiny_reference.encode(prompt), 12)
+                for name, prompt in zip(names, PROMPTS)]
+    assert got == expected
+    assert expected[1] != peft.greedy(None, tiny_reference.encode(PROMPTS[1]), 12)
 
 
 def _wait(predicate, timeout: float) -> bool:

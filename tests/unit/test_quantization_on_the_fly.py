@@ -179,7 +179,8 @@ def test_published_fp8_checkpoints_are_read_and_served_as_fp8(tiny_model, tmp_pa
     while engine.has_work():
         engine.step()
     assert seq.output_ids == greedy(reference, seq.prompt_ids, 16)
-    with pytest.raises(ValueError, match="fp8 checkpoint"):
+    with pytest.raises(ValueError, match=r"--quantize eetq, but .* holds fp8 \(.*\) weights: "
+                                         "serve it with --quantize fp8 or without the flag"):
         Engine(EngineConfig(model_id=str(checkpoint), quantize="eetq"), checkpoint)
 
 

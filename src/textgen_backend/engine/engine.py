@@ -61,7 +61,10 @@ class Engine:
                                    self.shards.tp if self.shards else None)
         self.runner.shards = self.shards
         if self.runner.kv_cache_dtype != self.dtype:
-            logger.info("[textgen] KV cache in float8 e4m3 (saturating at +-448, no scales)")
+            scaled = self.runner.model.attention_layers()[0].k_scale != 1.0
+            logger.info("[textgen] KV cache in float8 e4m3 (%s)",
+                        "the checkpoint's per-layer scales" if scaled
+                        else "no scales in the checkpoint: saturating at +-448")
         model, eos = self.runner.model, self.model_config.eos_token_ids
         self.adapters = self._adapter_residency()
         self.runner.medusa = (load_medusa(model_dir, self.model_config.hidden_size,

@@ -20,8 +20,9 @@ from textgen_backend.models import build_model, model_class
 from textgen_backend.models.config import ModelConfig
 from textgen_backend.parallel.group import TensorParallel
 from textgen_backend.parallel.layout import ShardLayout
-from textgen_backend.quantization.fp8_checkpoint import dequantize_fp8_weights, read_fp8_checkpoint
-from textgen_backend.quantization.schemes import ON_THE_FLY, quantize_projections
+from textgen_backend.quantization.kv_scales import apply_kv_scales, take_kv_scales
+from textgen_backend.quantization.schemes import (ON_THE_FLY, quantize_projections,
+                                                  read_decoded_checkpoint)
 from textgen_backend.weights.loading import iterate_weights
 from textgen_backend.weights.quantization import resolve_quant_config
 
@@ -62,10 +63,15 @@ def build_runner(config: EngineConfig, model_dir: Path, device: torch.device,
         config.rope_scaling, config.rope_factor)
     dtype = choose_dtype(config, model_config, device)
     layout = ShardLayout(tp.rank, tp.world_size, model_config) if tp is not None else None
-    model = load_model(config, model_config, model_dir, device, dtype, tp, layout)
+    model, kv_scales = load_model(config, model_config, model_dir, device, dtype, tp, layout)
     runner = ModelRunner(model, model_config, device, dtype, config.block_size,
                          model_config.eos_token_ids, config.watermark_gamma,
                          config.watermark_delta, kv_cache_dtype(config, dtype, device))
+    if kv_scales and runner.kv_cache_dtype == dtype:
+        logger.info("[textgen] the checkpoint's KV-cache scales are not used: the KV cache is "
+                    "%s (--kv-cache-dtype fp8 uses them)", dtype)
+    elif kv_scales:
+        apply_kv_scales(model, kv_scales)
     runner.adapter_slots = adapter_slots(config, model, device, dtype, layout)
     if runner.adapter_slots is not None:
         runner.lora_batch = runner.adapter_slots.batch
@@ -103,7 +109,8 @@ def adapter_slots(config: EngineConfig, model, device: torch.device, dtype: torc
 def check_shardable(config: EngineConfig, model_config: ModelConfig, model_dir: Path,
                      shards: int) -> None:
     """A model tensor parallelism cannot split is refused before any worker starts."""
-    on_the_fly = config.quantize in ON_THE_FLY or read_fp8_checkpoint(model_dir) is not None
+    on_the_fly = (config.quantize in ON_THE_FLY
+                  or read_decoded_checkpoint(model_dir) is not None)
     quant = None if on_the_fly else resolve_quant_config(model_dir, config.quantize,
                                                          config.load_format)
     for rank in range(shards):  # heads, MLP columns and groups split evenly
@@ -112,21 +119,23 @@ def check_shardable(config: EngineConfig, model_config: ModelConfig, model_dir: 
 
 def load_model(config: EngineConfig, model_config: ModelConfig, model_dir: Path,
                device: torch.device, dtype: torch.dtype, tp: TensorParallel | None = None,
-               layout: ShardLayout | None = None):
+               layout: ShardLayout | None = None
+               ) -> tuple[torch.nn.Module, dict[int, dict[str, float]]]:
     """The checkpoint's weights in our model: quantized ones as they are, dense ones quantized
-    now if --quantize asks; with tp, this rank's shard as layout says (parallel/layout.py)."""
+    now if --quantize asks; with tp, this rank's shard as layout says (parallel/layout.py).
+    Also returns the checkpoint's KV-cache scales by layer (quantization/kv_scales.py)."""
     ops = select_ops(device, config.disable_custom_kernels)
     on_the_fly = config.quantize if config.quantize in ON_THE_FLY else None
-    fp8 = read_fp8_checkpoint(model_dir)
-    if fp8 is not None:  # a published fp8 checkpoint: served as --quantize fp8
-        if config.quantize not in (None, "fp8"):
-            raise ValueError(f"--quantize {config.quantize}, but {model_dir} is an "
-                             f"fp8 checkpoint ({fp8.format}): serve it with --quantize fp8 "
-                             "or without the flag")
-        logger.info("[textgen] the checkpoint is fp8 (%s): serving it as --quantize fp8",
-                    fp8.format)
-        on_the_fly = "fp8"
-    quant = None if fp8 else resolve_quant_config(
+    decoded = read_decoded_checkpoint(model_dir)
+    if decoded is not None:  # fp8 or bitsandbytes-saved: served as that scheme
+        if config.quantize not in (None, decoded.scheme):
+            raise ValueError(f"--quantize {config.quantize}, but {model_dir} holds "
+                             f"{decoded.description} weights: serve it with --quantize "
+                             f"{decoded.scheme} or without the flag")
+        logger.info("[textgen] the checkpoint holds %s weights: serving it as --quantize %s",
+                    decoded.description, decoded.scheme)
+        on_the_fly = decoded.scheme
+    quant = None if decoded else resolve_quant_config(
         model_dir, None if on_the_fly else config.quantize, config.load_format)
     if on_the_fly and quant is not None:
         raise ValueError(f"--quantize {on_the_fly} quantizes a dense checkpoint while loading "
@@ -146,12 +155,14 @@ def load_model(config: EngineConfig, model_config: ModelConfig, model_dir: Path,
             model = build_model(model_config, ops, quant, tp)
     finally:
         torch.set_default_dtype(previous)
+    kv_scales: dict[int, dict[str, float]] = {}
     if config.load_format != "dummy":
         weights_dir = Path(config.weights_cache_override or model_dir)
         weights = iterate_weights(weights_dir, config.load_format)
-        if fp8 is not None:
-            weights = dequantize_fp8_weights(weights, fp8.block)
+        if decoded is not None:
+            weights = decoded.decode(weights)
+        weights = take_kv_scales(weights, kv_scales)
         model.load_weights(weights if layout is None else layout.shard_weights(weights))
     if on_the_fly:
         quantize_projections(model, on_the_fly, ops)
-    return model.eval()
+    return model.eval(), kv_scales

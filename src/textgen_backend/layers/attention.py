@@ -33,6 +33,8 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
         self.sliding_window = sliding_window
+        # An fp8 cache's per-tensor scales (quantization/kv_scales.py): the cache holds k / k_scale
+        self.k_scale, self.v_scale = 1.0, 1.0
         # Bound by the KV-cache allocator: [num_blocks, block_size, num_kv_heads, head_dim] each.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -40,11 +42,16 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+        if self.k_scale != 1.0 or self.v_scale != 1.0:
+            k, v = k / self.k_scale, v / self.v_scale
         self.ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        scale = self.scale * self.k_scale  # q . (k_scale k') = k_scale (q . k')
         if meta.is_decode:
-            return self.ops.paged_attention_decode(
+            out = self.ops.paged_attention_decode(
                 q, self.k_cache, self.v_cache, meta.context_lens, meta.block_tables,
-                self.scale, self.sliding_window)
-        return self.ops.paged_attention(
-            q, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens,
-            meta.block_tables, meta.max_seqlen_q, self.scale, self.sliding_window)
+                scale, self.sliding_window)
+        else:
+            out = self.ops.paged_attention(
+                q, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens,
+                meta.block_tables, meta.max_seqlen_q, scale, self.sliding_window)
+        return out if self.v_scale == 1.0 else out * self.v_scale

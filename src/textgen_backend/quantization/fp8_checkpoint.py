@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv")
-DROPPED_SUFFIXES = (".input_scale", ".k_scale", ".v_scale")
+DROPPED_SUFFIXES = (".input_scale",)  # KV-cache scales pass through: kv_scales.py takes them
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def dequantize_fp8_weights(weights: Iterable[tuple[str, torch.Tensor]],
                            block: tuple[int, int] | None = None,
                            ) -> Iterator[tuple[str, torch.Tensor]]:
     """Pairs each float8 `X.weight` with its `X.weight_scale` / `X.weight_scale_inv` (in either
-    order) and yields `X.weight` in float32; static activation and KV scales are dropped; other
+    order) and yields `X.weight` in float32; static activation scales are dropped; other
     tensors pass through."""
     pending_weights: dict[str, torch.Tensor] = {}
     pending_scales: dict[str, torch.Tensor] = {}
