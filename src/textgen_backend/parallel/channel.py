@@ -59,11 +59,14 @@ class Mailbox:
     def name(self) -> str:
         return self.shm.name
 
-    def send(self, message: object, group) -> None:
-        """Rank 0: one call to every reader (over `group` when it does not fit)."""
+    def send(self, message: object, group, readers_alive=lambda: True) -> None:
+        """Rank 0: one call to every reader (over `group` when it does not fit). Waiting for a
+        reader still on the previous call, it gives up once readers_alive() is false."""
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         sequence = int(self.header[0])
         while (self.header[_HEADER_WORDS:] != sequence).any():  # a reader is still reading
+            if not readers_alive():
+                raise RuntimeError("a reader of the mailbox is gone")
             time.sleep(0)
             _fence()
         fits = len(data) <= len(self.payload)

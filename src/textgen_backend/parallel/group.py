@@ -155,7 +155,8 @@ class ShardGroup:
                             f"(exit code {code})")
 
     def send(self, name: str, args: tuple) -> None:
-        self._mailbox.send((name, args), self._calls)
+        self._mailbox.send((name, args), self._calls,
+                           lambda: all(w.poll() is None for w in self.workers))
 
     def fail(self, message: str) -> None:
         self.on_failure(message)
