@@ -77,6 +77,7 @@ def init_rank(rank: int, size: int, master_addr: str, master_port: int,
     for key, value in MULTICAST_OFF.items():
         os.environ.setdefault(key, value)
     if device.type == "cuda":
+        device = rank_device(device, 0)  # NCCL's device_id needs an index ("cuda" has none)
         torch.cuda.set_device(device)
     else:  # the ranks share the host's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
