@@ -45,7 +45,7 @@ class Engine:
         shards = world_size(config)
         self.shards = None
         if shards > 1:
-            check_shardable(config, self.model_config, model_dir, shards)
+            check_shardable(config, self.model_config, model_dir, shards, self.device)
             self.shards = ShardGroup(config, model_dir, self.device, shards,
                                      f"{build_runner.__module__}:build_runner")
         try:

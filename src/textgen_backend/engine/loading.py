@@ -107,8 +107,14 @@ def adapter_slots(config: EngineConfig, model, device: torch.device, dtype: torc
 
 
 def check_shardable(config: EngineConfig, model_config: ModelConfig, model_dir: Path,
-                     shards: int) -> None:
-    """A model tensor parallelism cannot split is refused before any worker starts."""
+                     shards: int, device: torch.device) -> None:
+    """A model tensor parallelism cannot split, or more shards than GPUs, is refused before
+    any worker starts."""
+    if device.type == "cuda":
+        first = device.index or 0
+        if first + shards > torch.cuda.device_count():
+            raise ValueError(f"--num-shard {shards}: {torch.cuda.device_count() - first} GPUs "
+                             "visible from this one on (CUDA_VISIBLE_DEVICES chooses them)")
     on_the_fly = (config.quantize in ON_THE_FLY
                   or read_decoded_checkpoint(model_dir) is not None)
     quant = None if on_the_fly else resolve_quant_config(model_dir, config.quantize,
