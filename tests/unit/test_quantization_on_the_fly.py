@@ -63,6 +63,22 @@ def test_int8_storage_and_llm_int8_matmul_are_bitsandbytes():
     assert (ours - x @ w.T).abs().max() < 1.0
 
 
+@pytest.mark.parametrize("rows", [1, 5, 17, 40])
+def test_the_served_llm_int8_matmul_equals_its_reference(rows):
+    """torch._int_mm's int32 sums are exact, as the reference's float64 ones; what differs is
+    the float32 scaling and the outliers' product over masked columns (no host sync)."""
+    torch.manual_seed(rows)
+    w = torch.randn(96, 160)
+    cb, scb = formats.bnb_int8_rows(w)
+    x = torch.randn(rows, 160) * 2.5       # some values past the threshold: outliers
+    assert (x.abs() >= formats.BNB_INT8_THRESHOLD).any()
+    served = formats.bnb_int8_linear(x, cb, scb)
+    torch.testing.assert_close(served, formats.bnb_int8_matmul(x, cb, scb), rtol=1e-5,
+                               atol=1e-4)
+    torch.testing.assert_close(formats.bnb_int8_linear(x[:1], cb, scb), served[:1], rtol=1e-6,
+                               atol=1e-5)  # a row's result does not depend on the others
+
+
 def test_int8_and_fp8_round_trips_stay_within_their_steps():
     torch.manual_seed(0)
     w = torch.randn(64, 256)

@@ -78,6 +78,27 @@ def bnb_int8_matmul(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
     return out.float()
 
 
+def bnb_int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
+                    threshold: float = BNB_INT8_THRESHOLD) -> torch.Tensor:
+    """What the server runs for bnb_int8_matmul (its reference): the int8 product with
+    torch._int_mm (int8 tensor cores on a GPU; its int32 sums are exact, as the reference's
+    float64 ones), scaled in float32; the outliers multiply the weight dequantized in the
+    activations' dtype, over every column (masked), so that nothing waits for the host and a
+    CUDA graph can hold it. Returns float32."""
+    xf = x.float()
+    outliers = xf.abs() >= threshold if threshold > 0 else torch.zeros_like(xf, dtype=torch.bool)
+    ca, sca = bnb_int8_rows(xf.masked_fill(outliers, 0.0))
+    rows = ca.shape[0]
+    # cuBLASLt's int8 GEMM wants more than 16 rows, in multiples of 8: zero rows pad it
+    padded = torch.nn.functional.pad(ca, (0, 0, 0, max(24, -(-rows // 8) * 8) - rows))
+    acc = torch._int_mm(padded, cb.t())[:rows]
+    out = acc.float() * (sca[:, None] * (scb[None, :] / (INT8_MAX * INT8_MAX)))
+    if threshold > 0:
+        weight = cb.to(x.dtype) * (scb[:, None] / INT8_MAX).to(x.dtype)
+        out = out + (x * outliers.to(x.dtype)) @ weight.T
+    return out
+
+
 # --- bitsandbytes NF4 / FP4 ------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ QuantizedLinear and runs textgen_kernels.quant_matmul on the GPU. The other sche
 own storage (formats.py) in an OnTheFlyQuantizedLinear: fp8 multiplies with torch's scaled
 fp8 matmul (Hopper's fp8 tensor cores on a GPU); NF4 / FP4 run textgen_kernels.codebook_matmul
 with our Triton kernels (on the CPU: dequantize into the activations' dtype and multiply);
-LLM.int8() runs its reference in float32 on every device for now (issue 18)."""
+LLM.int8() multiplies int8 by int8 with torch._int_mm (formats.bnb_int8_linear)."""
 from __future__ import annotations
 
 import torch
@@ -83,6 +83,6 @@ class OnTheFlyQuantizedLinear(nn.Module):
         if self.scheme == "fp8":
             out = formats.fp8_matmul(flat, self.qweight, self.scale)
         else:
-            out = formats.bnb_int8_matmul(flat, self.qweight, self.scale)
+            out = formats.bnb_int8_linear(flat, self.qweight, self.scale)
         out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
