@@ -27,7 +27,14 @@ class Endpoints:
     api_url: str  # the REST front end's (OpenAI, TGI)
 
 
-def _launch(model_dir, tmp_path, *flags) -> tuple[subprocess.Popen, int, int, Endpoints, Path]:
+# Each engine step sleeps this long in the tests that stop the launcher with streams in
+# flight: the tiny model alone makes 480 tokens in well under a second on the CPU, so a stream
+# could end before Ctrl-C reached it (CI saw a "cancelled" stream finish with "length").
+STEADY_STEPS = {"TEXTGEN_FAULT_INJECTION": "sleep%1:0.01"}
+
+
+def _launch(model_dir, tmp_path, *flags, env_extra: dict | None = None
+            ) -> tuple[subprocess.Popen, int, int, Endpoints, Path]:
     """textgen-launcher started as a user would, from a working directory holding a `kernels/`
     package that must not shadow Hugging Face's (transformers imports `kernels`)."""
     http, grpc, metrics, api = free_port(), free_port(), free_port(), free_port()
@@ -36,7 +43,8 @@ def _launch(model_dir, tmp_path, *flags) -> tuple[subprocess.Popen, int, int, En
     (workdir / "kernels").mkdir(parents=True)
     (workdir / "kernels" / "__init__.py").write_text(
         "raise ImportError('the working directory shadowed the kernels package')\n")
-    env = {**os.environ, "MAX_TOTAL_TOKENS": "512", "MAX_INPUT_TOKENS": "100"}
+    env = {**os.environ, "MAX_TOTAL_TOKENS": "512", "MAX_INPUT_TOKENS": "100",
+           **(env_extra or {})}
     log_path = tmp_path / "launcher.log"
     with open(log_path, "w") as log:  # a file, not a pipe nobody drains while it serves
         process = subprocess.Popen(
@@ -120,7 +128,8 @@ def _overload(grpc: int, requests: int) -> int:
 
 def test_launcher_drains_streams_in_flight_on_ctrl_c(tiny_model_dir, tiny_reference, tmp_path):
     process, grpc, http, endpoints, log_path = _launch(tiny_model_dir, tmp_path,
-                                                       "--max-concurrent-requests", "8")
+                                                       "--max-concurrent-requests", "8",
+                                                       env_extra=STEADY_STEPS)
     try:
         # An overload episode first: refused requests must leave nothing in flight that would
         # hold up the stop below.
@@ -159,7 +168,8 @@ def test_launcher_drains_streams_in_flight_on_ctrl_c(tiny_model_dir, tiny_refere
 
 def test_launcher_cancels_what_outlives_the_drain_timeout(tiny_model_dir, tmp_path):
     process, grpc, http, endpoints, log_path = _launch(tiny_model_dir, tmp_path,
-                                                       "--drain-timeout-s", "0")
+                                                       "--drain-timeout-s", "0",
+                                                       env_extra=STEADY_STEPS)
     try:
         finals, code, seconds = _streams_in_flight_at_ctrl_c(process, grpc, endpoints, 480)
         assert code == 0, log_path.read_text()[-3000:]
