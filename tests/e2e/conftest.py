@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -12,7 +14,7 @@ import torch
 
 from server import TritonServer
 from textgen_backend.config import EngineConfig
-from textgen_client import TextgenClient
+from textgen_client import TextgenClient, TextgenError
 from tiny_models import build_tiny_model
 
 
@@ -202,3 +204,46 @@ def deltas_once_equal(server, before: dict, expected: dict, timeout: float = 15.
         if got == expected or time.monotonic() > deadline:
             return got
         time.sleep(0.1)
+
+
+def processes_under(server_pid: int, marker: bytes) -> list[int]:
+    """The processes below a tritonserver (at any depth) whose command line holds `marker`."""
+    found, pending = [], [server_pid]
+    while pending:
+        parent = pending.pop()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if ppid == parent:
+                pending.append(int(stat.parent.name))
+                if marker in cmdline:
+                    found.append(int(stat.parent.name))
+    return found
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def kill_mid_stream(server, pid: int, error: str) -> None:
+    """SIGKILLs `pid` while a stream generates: the stream must fail with `error` (a regex) and
+    tritonserver stop (--exit-on-engine-failure)."""
+    client = TextgenClient(server.grpc_url)
+    try:
+        chunks = client.stream("The quick brown fox", max_tokens=400, ignore_eos=True)
+        next(chunks)                                   # generating now
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(TextgenError, match=error):
+            for _ in chunks:
+                pass
+    finally:
+        client.close()
+    assert wait_until(lambda: not server.is_alive(), timeout=90), "tritonserver did not stop"

@@ -6,43 +6,19 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import _serve
-from textgen_client import TextgenClient, TextgenError
+from conftest import _serve, kill_mid_stream, processes_under, wait_until
+from textgen_client import TextgenClient
 
 pytestmark = pytest.mark.e2e
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def engine_processes(server_pid: int) -> list[int]:
     """The engine processes under a tritonserver (its stubs' spawned children)."""
-    found, pending = [], [server_pid]
-    while pending:
-        pid = pending.pop()
-        for child in _children(pid):
-            try:
-                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"multiprocessing.spawn" in cmdline:
-                found.append(child)
-            pending.append(child)
-    return found
+    return processes_under(server_pid, b"multiprocessing.spawn")
 
 
 def _alive(pid: int) -> bool:
@@ -51,15 +27,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 @pytest.fixture
@@ -72,17 +39,7 @@ def test_engine_death_fails_requests_in_flight_then_stops_the_server(server):
     """exit_on_engine_failure (the default): the stream gets the cause, then tritonserver is
     told to stop, so its readiness turns false and it exits for an orchestrator to restart."""
     [engine] = engine_processes(server.process.pid)
-    client = TextgenClient(server.grpc_url)
-    try:
-        chunks = client.stream("The quick brown fox", max_tokens=400, ignore_eos=True)
-        next(chunks)                                   # generating now
-        os.kill(engine, signal.SIGKILL)
-        with pytest.raises(TextgenError, match="engine process exited"):
-            for _ in chunks:
-                pass
-    finally:
-        client.close()
-    assert _wait(lambda: not server.is_alive(), timeout=90), "tritonserver did not stop"
+    kill_mid_stream(server, engine, "engine process exited")
     assert "stopping tritonserver so that it is restarted" in server.log()
 
 
@@ -109,4 +66,4 @@ def test_a_killed_server_leaves_no_engine_process(server):
     assert _alive(engine)
     server.process.kill()
     server.process.wait()
-    assert _wait(lambda: not _alive(engine), timeout=30), "the engine process outlived its server"
+    assert wait_until(lambda: not _alive(engine), timeout=30), "the engine process outlived its server"

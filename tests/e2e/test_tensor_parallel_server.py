@@ -5,16 +5,12 @@ request with the cause and stops tritonserver (no hang)."""
 from __future__ import annotations
 
 import concurrent.futures as futures
-import os
-import signal
-import time
-from pathlib import Path
 
 import pytest
 
-from conftest import Reference, _serve, generate_rows, metric
+from conftest import (Reference, _serve, generate_rows, kill_mid_stream, metric,
+                      processes_under)
 from lora_adapters import ATTENTION, MLP, PeftReference, save_random_lora
-from textgen_client import TextgenClient, TextgenError
 from tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.e2e
@@ -27,21 +23,7 @@ SMALL_KV = dict(max_input_tokens=60, max_total_tokens=100, max_batch_total_token
 
 
 def _shard_workers(server_pid: int) -> list[int]:
-    """The tensor-parallel worker processes under a tritonserver."""
-    found, pending = [], [server_pid]
-    while pending:
-        parent = pending.pop()
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-                cmdline = (stat.parent / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if ppid == parent:
-                pending.append(int(stat.parent.name))
-                if b"textgen_backend.parallel.worker" in cmdline:
-                    found.append(int(stat.parent.name))
-    return found
+    return processes_under(server_pid, b"textgen_backend.parallel.worker")
 
 
 @pytest.fixture(scope="module", params=[("llama", 2), ("mistral", 2), ("qwen2", 2),
@@ -94,28 +76,9 @@ def test_sharded_server_serves_adapters_per_row_as_peft(tiny_model_dir, tiny_ref
     assert expected[1] != peft.greedy(None, tiny_reference.encode(PROMPTS[1]), 12)
 
 
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def test_a_killed_worker_fails_the_stream_and_stops_the_server(tiny_model_dir,
                                                                tmp_path_factory):
     for server in _serve(tmp_path_factory, "tp-killed", model_id=str(tiny_model_dir),
                          num_shard=2, max_total_tokens=512):
         [worker] = _shard_workers(server.process.pid)
-        client = TextgenClient(server.grpc_url)
-        try:
-            chunks = client.stream("The quick brown fox", max_tokens=400, ignore_eos=True)
-            next(chunks)                                   # generating now
-            os.kill(worker, signal.SIGKILL)
-            with pytest.raises(TextgenError, match="tensor-parallel worker 1 of 2 exited"):
-                for _ in chunks:
-                    pass
-        finally:
-            client.close()
-        assert _wait(lambda: not server.is_alive(), timeout=90), "tritonserver did not stop"
+        kill_mid_stream(server, worker, "tensor-parallel worker 1 of 2 exited")

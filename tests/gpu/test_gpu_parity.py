@@ -7,11 +7,12 @@ differently, so at the first mismatch each side's token must be among the other'
 import pytest
 import torch
 
-from textgen_backend.engine import cuda_graphs, model_runner
+from textgen_backend.engine import cuda_graphs
 from textgen_backend.config import EngineConfig
 from textgen_backend.engine.engine import Engine
 from textgen_backend.sampling.params import SamplingParams, StoppingParams
 from textgen_backend.engine.sequence import Sequence
+from greedy_parity import first_mismatch, record_top5
 from tiny_models import build_tiny_model
 
 pytestmark = [pytest.mark.gpu,
@@ -41,20 +42,7 @@ def run_both(model_dir, dtype, per_group, monkeypatch):
     (ours, our top-5 ids per step, theirs, their top-5 ids per step)."""
     from transformers import AutoModelForCausalLM
 
-    recorded = {}
-    real_sample, real_execute = model_runner.sample, model_runner.ModelRunner.execute
-
-    def recording_sample(logits, batch):
-        for seq, row in zip(recording_sample.seqs, logits.topk(5, dim=-1).indices.tolist()):
-            recorded.setdefault(seq.seq_id, []).append(row)
-        return real_sample(logits, batch)
-
-    def execute(self, out):
-        recording_sample.seqs = out.seqs
-        return real_execute(self, out)
-
-    monkeypatch.setattr(model_runner, "sample", recording_sample)
-    monkeypatch.setattr(model_runner.ModelRunner, "execute", execute)
+    recorded = record_top5(monkeypatch)
     engine = Engine(EngineConfig(model_id=str(model_dir), dtype=dtype,
                                  max_batch_total_tokens=200_000), model_dir)
     assert engine.runner.decode_graphs is not None, "CUDA graphs should be captured on the GPU"
@@ -86,10 +74,6 @@ def run_both(model_dir, dtype, per_group, monkeypatch):
                             top5[row]))
             seq_id += 1
     return results
-
-
-def first_mismatch(ours, theirs):
-    return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
 
 
 def test_float32_greedy_is_token_exact_at_large_batch(model_dir, monkeypatch):

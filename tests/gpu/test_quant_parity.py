@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from quant_checkpoints import write_quantized
-from textgen_backend.engine import model_runner
 from textgen_backend.config import EngineConfig
 from textgen_backend.engine.engine import Engine
 from textgen_backend.sampling.params import SamplingParams, StoppingParams
 from textgen_backend.engine.sequence import Sequence
+from greedy_parity import first_mismatch, record_top5
 from tiny_models import build_tiny_model
 
 pytestmark = [pytest.mark.gpu,
@@ -29,32 +29,13 @@ def model_dir(tmp_path_factory):
                             max_position_embeddings=1024)
 
 
-def first_mismatch(ours, theirs):
-    return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_quantized_engine_agrees_with_transformers(model_dir, tmp_path, monkeypatch, case):
     from transformers import AutoModelForCausalLM
 
     checkpoint, dtype = CASES[case]
     quant_dir, ref_dir = write_quantized(model_dir, tmp_path, **checkpoint)
-    recorded = {}
-    real_sample = model_runner.sample
-
-    def recording_sample(logits, batch, *args, **kwargs):
-        for seq, row in zip(recording_sample.seqs, logits.topk(5, dim=-1).indices.tolist()):
-            recorded.setdefault(seq.seq_id, []).append(row)
-        return real_sample(logits, batch, *args, **kwargs)
-
-    real_execute = model_runner.ModelRunner.execute
-
-    def execute(self, out):
-        recording_sample.seqs = out.seqs
-        return real_execute(self, out)
-
-    monkeypatch.setattr(model_runner, "sample", recording_sample)
-    monkeypatch.setattr(model_runner.ModelRunner, "execute", execute)
+    recorded = record_top5(monkeypatch)
     engine = Engine(EngineConfig(model_id=str(quant_dir), dtype=dtype, cuda_graphs="1,4,32",
                                  max_batch_total_tokens=50_000), quant_dir)
     assert engine.runner.decode_graphs is not None

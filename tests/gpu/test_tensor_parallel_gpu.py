@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from textgen_backend.config import EngineConfig
-from textgen_backend.engine import model_runner
 from textgen_backend.engine.engine import Engine
 from textgen_backend.engine.sequence import Sequence
 from textgen_backend.sampling.params import SamplingParams, StoppingParams
+from greedy_parity import first_mismatch, record_top5
 from tiny_models import build_tiny_model
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -31,20 +31,7 @@ def model_dir(tmp_path_factory):
 def generate(model_dir, dtype, shards, monkeypatch):
     """{seq_id: (output ids, top-5 ids at each step)} for prompts of assorted lengths, in one
     batch (decode steps through the CUDA graphs)."""
-    recorded = {}
-    real_sample, real_execute = model_runner.sample, model_runner.ModelRunner.execute
-
-    def recording_sample(logits, batch):
-        for seq, row in zip(recording_sample.seqs, logits.topk(5, dim=-1).indices.tolist()):
-            recorded.setdefault(seq.seq_id, []).append(row)
-        return real_sample(logits, batch)
-
-    def execute(self, out):
-        recording_sample.seqs = out.seqs
-        return real_execute(self, out)
-
-    monkeypatch.setattr(model_runner, "sample", recording_sample)
-    monkeypatch.setattr(model_runner.ModelRunner, "execute", execute)
+    recorded = record_top5(monkeypatch)
     engine = Engine(EngineConfig(model_id=str(model_dir), dtype=dtype, num_shard=shards,
                                  max_batch_total_tokens=100_000), model_dir)
     try:
@@ -63,10 +50,6 @@ def generate(model_dir, dtype, shards, monkeypatch):
         del engine
         torch.cuda.empty_cache()
     return {s.seq_id: (s.output_ids, recorded[s.seq_id]) for s in seqs}
-
-
-def first_mismatch(ours, theirs):
-    return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
 
 
 @pytest.mark.parametrize("shards", SHARDS)

@@ -4,6 +4,7 @@ than shards, under preemption; prompt details and seeded sampling equal to one s
 import pytest
 import torch
 
+from on_the_fly_reference import greedy
 from textgen_backend.config import EngineConfig
 from textgen_backend.engine.engine import Engine
 from textgen_backend.engine.sequence import Sequence
@@ -124,9 +125,7 @@ def test_sharded_greedy_equals_transformers_under_preemption(family):
     finally:
         engine.close()
     for s in seqs:
-        expected = hf_model.generate(torch.tensor([s.prompt_ids]), max_new_tokens=24,
-                                     do_sample=False)[0, len(s.prompt_ids):].tolist()
-        assert s.output_ids == expected, s.prompt_ids
+        assert s.output_ids == greedy(hf_model, s.prompt_ids, 24), s.prompt_ids
 
 
 def test_prompt_details_and_seeded_sampling_equal_one_shard(tmp_path):
@@ -222,9 +221,7 @@ def test_sharded_quantized_checkpoints_equal_transformers_on_their_dequantized_t
     finally:
         engine.close()
     for s in seqs:
-        expected = hf.generate(torch.tensor([s.prompt_ids]), max_new_tokens=16,
-                               do_sample=False)[0, len(s.prompt_ids):].tolist()
-        assert s.output_ids == expected
+        assert s.output_ids == greedy(hf, s.prompt_ids, 16)
 
 
 def test_quantized_splits_that_straddle_groups_or_words_are_refused(tmp_path):

@@ -138,7 +138,7 @@ class ModelRunner:
         layers = self.model.attention_layers()
         shape = (num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
         self.kv_caches = []
-        for attn in self.model.attention_layers():
+        for attn in layers:
             attn.k_cache = torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device)
             attn.v_cache = torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device)
             self.kv_caches.append((attn.k_cache, attn.v_cache))
@@ -171,7 +171,7 @@ class ModelRunner:
         varlen = out.is_prefill or out.draft_ids is not None
         arrays = (self._prefill_arrays(out.seqs, out.num_new_tokens, out.drafts) if varlen
                   else self._decode_arrays(out.seqs))
-        details = self._detail_spans(out) if out.is_prefill else []
+        details = self._detail_spans(out, arrays.cu_seqlens) if out.is_prefill else []
         graphs = self._graphs_for(out, arrays)
         forward = self.forward(ForwardStep(
             arrays, varlen, graphs, completes,
@@ -267,11 +267,11 @@ class ModelRunner:
         return rows, (vectors if self.shards is None else vectors.cpu())
 
     @staticmethod
-    def _detail_spans(out: SchedulerOutput) -> list[tuple[Sequence, int, int]]:
+    def _detail_spans(out: SchedulerOutput,
+                      cu_seqlens: np.ndarray) -> list[tuple[Sequence, int, int]]:
         """(sequence, first, end) for sequences that asked for prompt token details (first
         prefill only): the step's rows [first, end) hold its prompt, from the position before
         its first real token when a soft prompt precedes it (virtual tokens get no details)."""
-        cu_seqlens = np.concatenate([[0], np.cumsum(out.num_new_tokens)])
         spans = []
         for i, s in enumerate(out.seqs):
             if s.details.input_details and not s.input_details_done:

@@ -73,9 +73,9 @@ class TensorParallel:
 
 def init_rank(rank: int, size: int, master_addr: str, master_port: int,
               device: torch.device) -> tuple[TensorParallel, object]:
-    """Joins the process group; returns the model's collectives and the group calls go over."""
-    for key, value in MULTICAST_OFF.items():
-        os.environ.setdefault(key, value)
+    """Joins the process group; returns the model's collectives and the group calls go over.
+    (NVLink multicast is already off: ShardGroup set it in rank 0's environment, which the
+    workers inherit.)"""
     if device.type == "cuda":
         device = rank_device(device, 0)  # NCCL's device_id needs an index ("cuda" has none)
         torch.cuda.set_device(device)
@@ -102,8 +102,9 @@ def collective(method):
         try:
             return method(runner, *args)
         except Exception as exc:
-            runner.shards.fail(f"{method.__name__} failed on rank 0 ({type(exc).__name__}: "
-                               f"{exc}); the tensor-parallel ranks are out of step")
+            runner.shards.on_failure(f"{method.__name__} failed on rank 0 "
+                                     f"({type(exc).__name__}: {exc}); the tensor-parallel "
+                                     "ranks are out of step")
             raise
     return call
 
@@ -158,9 +159,6 @@ class ShardGroup:
     def send(self, name: str, args: tuple) -> None:
         self._mailbox.send((name, args), self._calls,
                            lambda: all(w.poll() is None for w in self.workers))
-
-    def fail(self, message: str) -> None:
-        self.on_failure(message)
 
     def close(self) -> None:
         """Stops the workers (the engine's own exit stops them too: they watch their parent)."""

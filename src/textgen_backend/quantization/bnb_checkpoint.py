@@ -65,9 +65,8 @@ def _parts_of(name: str) -> tuple[str, str] | None:
     return None
 
 
-def _decode_4bit(layer: str, packed: torch.Tensor, parts: dict[str, torch.Tensor]
-                 ) -> torch.Tensor:
-    state = json.loads(bytes(parts["quant_state"].tolist()))
+def _decode_4bit(layer: str, packed: torch.Tensor, parts: dict) -> torch.Tensor:
+    state = parts["quant_state"]
     if state["blocksize"] != BNB_BLOCKSIZE:
         raise ValueError(f"{layer}: bitsandbytes 4-bit blocksize {state['blocksize']}; only "
                          f"{BNB_BLOCKSIZE} (the default) is supported")
@@ -96,12 +95,11 @@ def dequantize_bnb_weights(weights: Iterable[tuple[str, torch.Tensor]],
     four_bit = checkpoint.scheme != "bitsandbytes"
     needed = {"quant_state", "absmax", "quant_map"} if four_bit else {"SCB"}
     packed: dict[str, torch.Tensor] = {}
-    parts: dict[str, dict[str, torch.Tensor]] = {}
+    parts: dict[str, dict] = {}  # a layer's companions; quant_state parsed
 
     def complete(layer: str) -> bool:
         have = parts.get(layer, {})
-        nested = "quant_state" in have and "nested_offset" in json.loads(
-            bytes(have["quant_state"].tolist()))
+        nested = "nested_offset" in have.get("quant_state", {})
         wanted = needed | ({"nested_absmax", "nested_quant_map"} if nested else set())
         return layer in packed and wanted <= have.keys()
 
@@ -114,7 +112,8 @@ def dequantize_bnb_weights(weights: Iterable[tuple[str, torch.Tensor]],
         companion = _parts_of(name)
         if companion is not None:
             layer, part = companion
-            parts.setdefault(layer, {})[part] = tensor
+            parts.setdefault(layer, {})[part] = (json.loads(bytes(tensor.tolist()))
+                                                 if part == "quant_state" else tensor)
         elif name.endswith(".weight") and (tensor.dtype == torch.uint8 if four_bit
                                            else tensor.dtype == torch.int8):
             layer = name[:-len(".weight")]
