@@ -66,7 +66,7 @@ def time_decode(engine, batch: int, context: int, steps: int, rng) -> tuple[floa
     graphs = engine.runner.decode_graphs.set
     graph_ms = []
     step_ms = decode_step_ms(engine, seqs, steps, lambda: graph_ms.append(triton.testing.do_bench(
-        graphs.graphs[graphs.smallest(batch)].replay, warmup=10, rep=100, return_mode="median")))
+        graphs.graphs[next(b for b in graphs.sizes if b >= batch)].replay, warmup=10, rep=100, return_mode="median")))
     return step_ms, graph_ms[0]
 
 

@@ -26,9 +26,10 @@ mkdir -p /tmp/textgen_pkgs
 ln -sfn "$PWD/src/textgen_backend" /tmp/textgen_pkgs/textgen_backend
 ln -sfn "$PWD/src/textgen_kernels" /tmp/textgen_pkgs/textgen_kernels
 ln -sfn "$PWD/src/textgen_client" /tmp/textgen_pkgs/textgen_client
+ln -sfn "$PWD/src/textgen_api" /tmp/textgen_pkgs/textgen_api
 echo /tmp/textgen_pkgs > "$SITE/textgen.pth"
 tar -C "$SITE" -xJf .carry/tritonserver.tar.xz
 set +e
 . /tmp/v/bin/activate
 python -c "import sys; print('[device_env] sys.path', sys.path)"
-python -c "import numpy, torch, triton, transformers, tritonclient.grpc, textgen_kernels, textgen_backend; from transformers import LlamaForCausalLM; print('[device_env] numpy', numpy.__version__, 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+python -c "import numpy, torch, triton, transformers, tritonclient.grpc, textgen_kernels, textgen_backend, textgen_api.app; from transformers import LlamaForCausalLM; print('[device_env] numpy', numpy.__version__, 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Builds .carry/ (git-ignored, ~52 MB) on a networked machine with `make install` done: what a
+# Builds .carry/ (git-ignored, ~60 MB) on a networked machine with `make install` done: what a
 # GPU machine without network needs besides its preinstalled torch (see bench/device_env.sh):
 # numpy<2, grpcio/protobuf/rapidjson and tritonclient (without its perf_analyzer binaries)
-# for Python 3.12, llguidance (bench_grammar), the demo model's tokenizer files (no `textgen
-# demo-model` there), and tritonserver's parts of the nvidia-pytriton wheel (Python 3.12 stub).
+# for Python 3.12, llguidance (bench_grammar), fastapi/uvicorn/pydantic (bench_api), the demo
+# model's tokenizer files (no `textgen demo-model` there), and tritonserver's parts of the
+# nvidia-pytriton wheel (Python 3.12 stub).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .carry && mkdir .carry
@@ -11,6 +12,11 @@ rm -rf .carry && mkdir .carry
   --implementation cp --platform manylinux_2_31_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .carry numpy==1.26.4 tritonclient==2.51.0 grpcio==1.85.1 protobuf==4.25.9 python-rapidjson==1.20 \
   llguidance==1.9.1
+# the REST front end (bench_api): not in the device image
+.venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .carry \
+  fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.50.5 uvicorn==0.55.0 \
+  annotated-types==0.8.0 typing-inspection==0.4.5 annotated-doc==0.0.7
 DEMO=$(.venv/bin/textgen demo-model)
 mkdir .carry/demo-tokenizer
 cp "$DEMO"/tokenizer.json "$DEMO"/tokenizer_config.json .carry/demo-tokenizer/

@@ -162,11 +162,13 @@ class EngineConfig:
     cuda_memory_fraction: float = flag("Fraction of the GPU's memory the engine may use.",
                                        default=0.9)
     cuda_graphs: str = flag("Decode batch sizes to capture CUDA graphs for (a batch runs in the "
-                            "next larger one); \"0\" disables.",
+                            "next larger one; with --speculate, those up to "
+                            "--speculation-max-batch-size also with its drafts); \"0\" disables.",
                             default="1,2,4,8,16,32,64,128,256")
-    prefill_cuda_graphs: str = flag("Prefill token counts to capture CUDA graphs for (a prefill "
-                                    "of at most 8 prompts, without prompt details, runs in the "
-                                    "next larger one; longer ones run eagerly); \"0\" disables.",
+    prefill_cuda_graphs: str = flag("Prefill token counts to capture CUDA graphs for (at most 8 "
+                                    "prompts or chunks, without prompt details, run in the next "
+                                    "larger one; with chunked prefill also beside each decode "
+                                    "batch size; longer ones run eagerly); \"0\" disables.",
                                     default="16,32,64,128,256,512")
     disable_custom_kernels: bool = flag("Use the pure-torch reference ops instead of our Triton "
                                         "kernels on the GPU (no CUDA graphs then).", default=False)

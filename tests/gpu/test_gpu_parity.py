@@ -12,6 +12,7 @@ from textgen_backend.config import EngineConfig
 from textgen_backend.engine.engine import Engine
 from textgen_backend.sampling.params import SamplingParams, StoppingParams
 from textgen_backend.engine.sequence import Sequence
+from draft_oracle import oracle_drafts
 from greedy_parity import first_mismatch, record_top5
 from tiny_models import build_tiny_model
 
@@ -95,18 +96,35 @@ def test_bfloat16_greedy_agrees_up_to_rounding(model_dir, monkeypatch):
             assert theirs[i] in our_top5[i], (i, theirs[i], our_top5[i])
 
 
-def test_float32_prefill_graphs_are_token_exact(model_dir, monkeypatch):
-    """Prompts arriving a few at a time, while others decode, prefill through the prefill
-    CUDA graphs (padding tokens and padding sequences around them) and stay token-exact."""
+def _record_varlen_replays(monkeypatch) -> list:
+    """The shapes of the varlen graphs replayed."""
+    replays = []
+    real_run = cuda_graphs.VarlenGraphs.run
+    monkeypatch.setattr(cuda_graphs.VarlenGraphs, "run",
+                        lambda self, arrays, pinned, rows: replays.append(self.shape_for(arrays))
+                        or real_run(self, arrays, pinned, rows))
+    return replays
+
+
+def _hf_greedy(model_dir, prompts: list[list[int]], tokens: int) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
-    replays = []
-    real_run = cuda_graphs.PrefillGraphs.run
-    monkeypatch.setattr(cuda_graphs.PrefillGraphs, "run",
-                        lambda self, arrays, pinned: replays.append(len(arrays.ids))
-                        or real_run(self, arrays, pinned))
+    torch.cuda.empty_cache()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    return [hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=tokens,
+                        min_new_tokens=tokens, do_sample=False)[0, len(p):].tolist()
+            for p in prompts]
+
+
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_float32_prefill_and_mixed_graphs_are_token_exact(model_dir, monkeypatch, chunk):
+    """Prompts arriving a few at a time, while others decode, run through the prefill and
+    mixed CUDA graphs (decode rows beside prompts or their chunks; padding decode rows, tokens
+    and sequences around them) and stay token-exact."""
+    replays = _record_varlen_replays(monkeypatch)
     engine = Engine(EngineConfig(model_id=str(model_dir), dtype="float32",
-                                 max_batch_total_tokens=50_000), model_dir)
+                                 max_batch_total_tokens=50_000,
+                                 max_batch_prefill_tokens=chunk), model_dir)
     assert engine.runner.prefill_graphs is not None
     g = torch.Generator().manual_seed(1)
     vocab = engine.model_config.vocab_size
@@ -123,11 +141,31 @@ def test_float32_prefill_graphs_are_token_exact(model_dir, monkeypatch):
             engine.step()
     while engine.has_work():
         engine.step()
-    assert len(replays) >= len(waves), f"prefill graphs replayed {len(replays)} times"
+    assert len(replays) >= len(waves), f"varlen graphs replayed {len(replays)} times"
+    assert any(shape.decode_rows for shape in replays), "no mixed graph replayed"
     del engine
-    torch.cuda.empty_cache()
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    expected = _hf_greedy(model_dir, [s.prompt_ids for s in seqs], NEW_TOKENS)
+    for s, theirs in zip(seqs, expected):
+        assert s.output_ids == theirs, f"prompt of {len(s.prompt_ids)}"
+
+
+def test_float32_verification_graphs_are_token_exact(model_dir, monkeypatch):
+    """Speculative steps (drafts that land, and wrong ones) replay the verification graphs and
+    stay token-exact."""
+    replays = _record_varlen_replays(monkeypatch)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, 300, (n,), generator=g).tolist() for n in (5, 40, 130, 9, 77)]
+    expected = _hf_greedy(model_dir, prompts, NEW_TOKENS)
+    oracle_drafts(monkeypatch, [p + e for p, e in zip(prompts, expected)])
+    engine = Engine(EngineConfig(model_id=str(model_dir), dtype="float32", speculate=3,
+                                 max_batch_total_tokens=50_000), model_dir)
+    assert engine.runner.verify_graphs is not None
+    seqs = [Sequence(i, p, SamplingParams(), StoppingParams(max_tokens=NEW_TOKENS,
+                                                            ignore_eos=True))
+            for i, p in enumerate(prompts)]
     for s in seqs:
-        out = hf.generate(torch.tensor([s.prompt_ids], device="cuda"), max_new_tokens=NEW_TOKENS,
-                          min_new_tokens=NEW_TOKENS, do_sample=False)
-        assert s.output_ids == out[0, len(s.prompt_ids):].tolist(), f"prompt of {len(s.prompt_ids)}"
+        engine.add(s)
+    while engine.has_work():
+        engine.step()
+    assert [s.output_ids for s in seqs] == expected
+    assert sum(shape.max_seqlen_q == 4 for shape in replays) >= 5

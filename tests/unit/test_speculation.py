@@ -22,6 +22,7 @@ from textgen_backend.engine.scheduler import Scheduler
 from textgen_backend.engine.sequence import Sequence
 from textgen_backend.sampling.params import DetailsParams, SamplingParams, StoppingParams
 from textgen_backend.speculation.ngram import propose_ngram
+from draft_oracle import oracle_drafts
 from medusa_heads import add_random_medusa
 from tiny_models import build_tiny_model
 
@@ -64,21 +65,6 @@ def _hf_greedy(hf, prompt, tokens):
     return out[0, len(prompt):].tolist()
 
 
-def _oracle(monkeypatch, continuations: list[list[int]]) -> None:
-    """Drafts the reference continuation of whichever history it extends; every third step's
-    last draft is wrong, so rejection and the correction token are exercised too."""
-    def propose(histories, num_drafts):
-        drafts = []
-        for history in histories:
-            full = next((c for c in continuations if c[:len(history)] == history), [])
-            draft = full[len(history):len(history) + num_drafts]
-            if draft and len(history) % 3 == 0:
-                draft[-1] = (draft[-1] + 1) % 300
-            drafts.append(draft)
-        return drafts
-    monkeypatch.setattr(speculator_module, "propose_ngram", propose)
-
-
 def _prompts(count, seed=0):
     rng = random.Random(seed)
     return [[rng.randrange(2, 400) for _ in range(rng.randrange(3, 30))] for _ in range(count)]
@@ -112,7 +98,7 @@ def test_greedy_with_drafts_equals_transformers_in_fewer_steps(model_dir, hf, mo
     expected = [_hf_greedy(hf, p, n) for p, n in zip(prompts, tokens)]
     plain_steps = _run(_engine(model_dir), [_greedy(i, p, n) for i, (p, n) in
                                             enumerate(zip(prompts, tokens))])
-    _oracle(monkeypatch, [p + e for p, e in zip(prompts, expected)])
+    oracle_drafts(monkeypatch, [p + e for p, e in zip(prompts, expected)])
     engine = _engine(model_dir, speculate=speculate)
     seqs = [_greedy(i, p, n) for i, (p, n) in enumerate(zip(prompts, tokens))]
     steps = _run(engine, seqs)
@@ -152,7 +138,7 @@ def test_every_sampling_parameter_gives_the_same_tokens_and_details(model_dir, m
 
     plain = seqs()
     _run(_engine(model_dir), plain)
-    _oracle(monkeypatch, [p + s.output_ids for p, s in zip(prompts, plain)])
+    oracle_drafts(monkeypatch, [p + s.output_ids for p, s in zip(prompts, plain)])
     engine = _engine(model_dir, speculate=4)
     drafted = seqs()
     outputs = {}
@@ -188,7 +174,7 @@ def test_an_eos_among_the_drafts_ends_the_output_there(model_dir, hf, monkeypatc
         if (eos_dir / name).exists():
             config = json.loads((eos_dir / name).read_text())
             (eos_dir / name).write_text(json.dumps({**config, "eos_token_id": eos}))
-    _oracle(monkeypatch, [prompt + greedy])
+    oracle_drafts(monkeypatch, [prompt + greedy])
     engine = _engine(eos_dir, speculate=5)
     seq = _greedy(0, prompt, 30, ignore_eos=False)
     short = _greedy(1, prompt, 7)  # max_tokens inside a step's drafts
@@ -202,7 +188,7 @@ def test_an_eos_among_the_drafts_ends_the_output_there(model_dir, hf, monkeypatc
 def test_preemption_with_drafts_still_gives_the_same_outputs(model_dir, hf, monkeypatch):
     prompts = _prompts(8, seed=3)
     expected = [_hf_greedy(hf, p, 40) for p in prompts]
-    _oracle(monkeypatch, [p + e for p, e in zip(prompts, expected)])
+    oracle_drafts(monkeypatch, [p + e for p, e in zip(prompts, expected)])
     # 40 blocks of 4 tokens: far less than 8 sequences of ~60 tokens need
     engine = _engine(model_dir, speculate=3, max_input_tokens=40, max_total_tokens=100,
                      max_batch_total_tokens=160)

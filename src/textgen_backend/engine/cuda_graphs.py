@@ -1,10 +1,13 @@
-"""CUDA graphs of the forward pass (embedding to logits): decode steps by batch size, short
-prefills by token count. A step replays the smallest graph that holds it, its inputs filled by
-one host-to-device copy into the graph's static int32 buffer; padding tokens have slot -1
-(nothing stored) and padding sequences context length 0 (nothing read).
+"""CUDA graphs of the forward pass (embedding to logits): decode steps by batch size, and
+varlen steps by shape: prefills of short prompts, mixed steps (decode rows beside prompt
+chunks) and speculative verification (each row's drafts). A step replays the smallest graph
+that holds it, its inputs filled by one host-to-device copy into the graph's static int32
+buffer; padding tokens have slot -1 (nothing stored) and padding sequences context length 0
+(nothing read).
 
-Replaying removes the ~320 Python kernel launches of an eager step, which cost more than the
-GPU work itself for decodes and for prefills of a few hundred tokens (time to first token).
+Replaying removes the ~320 Python kernel launches of an eager step (~1,000 for a mixed step),
+which cost more than the GPU work itself for decodes, for prefills of a few hundred tokens
+(time to first token) and for steps that verify a few drafts per row.
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ from textgen_backend.layers.lora import LoraBatch
 
 logger = logging.getLogger("textgen")
 
-# Prompts per prefill graph: enough for the prefills of a lightly loaded server (one or a few
-# new requests per step); under load, prefills are long enough to be GPU-bound eagerly.
+# Prompts per prefill or mixed graph: enough for the prefills of a lightly loaded server (one or
+# a few new requests per step) and for the prompt chunks beside a decode batch; under load,
+# prefills are long enough to be GPU-bound eagerly.
 PREFILL_GRAPH_MAX_SEQS = 8
 
 
@@ -39,15 +43,15 @@ class StepArrays:
 
 
 class _GraphSet:
-    """Graphs captured over one static input buffer, one per size (largest first, so that the
-    shared memory pool fits the smaller ones)."""
+    """Graphs captured over one static input buffer, one per size (sizes: smallest first;
+    captured largest first, so that the shared memory pool fits the smaller ones). Each graph's
+    outputs are (logits, hidden states) of its output rows."""
 
-    def __init__(self, sizes: tuple[int, ...], buffer_len: int, device: torch.device,
-                 pool) -> None:
-        self.sizes = sorted(sizes)
+    def __init__(self, sizes: list, buffer_len: int, device: torch.device, pool) -> None:
+        self.sizes = sizes
         self.inputs = torch.zeros(buffer_len, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.graphs: dict = {}
+        self.outputs: dict = {}
         self.pool = pool
 
     def capture(self, forward, prepare) -> None:
@@ -58,35 +62,45 @@ class _GraphSet:
                 forward(size)                  # warm-up (Triton compiles here)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    self.logits[size] = forward(size)
+                    self.outputs[size] = forward(size)
                 self.graphs[size] = graph
         torch.cuda.synchronize()
 
-    def smallest(self, need: int) -> int:
-        return next(s for s in self.sizes if s >= need)
-
-    def replay(self, size: int, host: torch.Tensor, rows: int) -> torch.Tensor:
+    def replay(self, size, host: torch.Tensor,
+               rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, hidden) of the given output rows (a prefix is sliced, others gathered)."""
         self.inputs[:len(host)].copy_(host, non_blocking=True)
+        logits, hidden = self._launch(size)
+        if np.array_equal(rows, np.arange(len(rows))):
+            return logits[:len(rows)], hidden[:len(rows)]
+        index = torch.from_numpy(rows).to(logits.device, non_blocking=True)
+        return logits[index], hidden[index]
+
+    def _launch(self, size) -> tuple[torch.Tensor, torch.Tensor]:
         self.graphs[size].replay()
-        return self.logits[size][:rows]
+        return self.outputs[size]
 
 
-def fill_block_tables(tables: np.ndarray, block_ids: list[list[int]]) -> None:
-    """Row i of a zeroed [batch, width] table gets sequence i's block ids."""
-    for row, ids in enumerate(block_ids):
-        tables[row, :len(ids)] = ids
+def fill_block_tables(tables: np.ndarray, block_ids: list[list[int]],
+                      rows: np.ndarray | None = None) -> None:
+    """Row i (or rows[i]) of a zeroed [batch, width] table gets sequence i's block ids."""
+    for i, ids in enumerate(block_ids):
+        tables[i if rows is None else rows[i], :len(ids)] = ids
 
 
-def _fill(arrays: StepArrays, ids, positions, slots, context_lens, tables) -> None:
-    """Writes a step into the parts of a zeroed host buffer: token slots past the step's tokens
-    are padding (-1, nothing stored), sequence rows past its sequences read nothing (length 0)."""
-    num_tokens, batch = len(arrays.ids), len(arrays.context_lens)
-    ids[:num_tokens] = arrays.ids
-    positions[:num_tokens] = arrays.positions
-    slots[:num_tokens] = arrays.slots
-    slots[num_tokens:] = -1
-    context_lens[:batch] = arrays.context_lens
-    fill_block_tables(tables, arrays.block_ids)
+def _fill(arrays: StepArrays, ids, positions, slots, context_lens, tables,
+          token_rows: np.ndarray | None = None, seq_rows: np.ndarray | None = None) -> None:
+    """Writes a step into the parts of a zeroed host buffer, its tokens and sequences at
+    token_rows and seq_rows (default: from the start): other token slots are padding (-1,
+    nothing stored), other sequence rows read nothing (length 0)."""
+    tokens = slice(len(arrays.ids)) if token_rows is None else token_rows
+    slots[:] = -1
+    ids[tokens] = arrays.ids
+    positions[tokens] = arrays.positions
+    slots[tokens] = arrays.slots
+    context_lens[slice(len(arrays.context_lens)) if seq_rows is None else seq_rows] = \
+        arrays.context_lens
+    fill_block_tables(tables, arrays.block_ids, seq_rows)
 
 
 class DecodeGraphs:
@@ -99,7 +113,7 @@ class DecodeGraphs:
         self.table_width = table_width
         self.lora = lora
         largest = max(batch_sizes)
-        self.set = _GraphSet(batch_sizes, self._buffer_len(largest), device, pool)
+        self.set = _GraphSet(sorted(batch_sizes), self._buffer_len(largest), device, pool)
         self.cu_seqlens = torch.arange(largest + 1, dtype=torch.int32, device=device)
         self.set.capture(self._forward, self._prepare)
         logger.info("[textgen] captured decode CUDA graphs%s for batch sizes %s",
@@ -131,18 +145,21 @@ class DecodeGraphs:
         meta = AttentionMetadata(is_decode=True, slot_mapping=slots, context_lens=context_lens,
                                  block_tables=tables, cu_seqlens_q=self.cu_seqlens[:size + 1],
                                  max_seqlen_q=1)
-        if self.lora is None:
-            return self.model.compute_logits(self.model(ids, positions, meta))
-        self.lora.slot_of_token = adapter_slots[0]
+        if self.lora is not None:
+            self.lora.slot_of_token = adapter_slots[0]
         try:
-            return self.model.compute_logits(self.model(ids, positions, meta))
+            hidden = self.model(ids, positions, meta)
         finally:
-            self.lora.slot_of_token = None
+            if self.lora is not None:
+                self.lora.slot_of_token = None
+        return self.model.compute_logits(hidden), hidden
 
-    def run(self, arrays: StepArrays, pinned) -> torch.Tensor:
-        """Replays the smallest graph holding the batch; pinned(n) gives a host buffer."""
+    def run(self, arrays: StepArrays, pinned,
+            sampled_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replays the smallest graph holding the batch: (logits, hidden states) of the rows
+        sampled; pinned(n) gives a host buffer."""
         batch = len(arrays.ids)
-        size = self.set.smallest(batch)
+        size = next(s for s in self.set.sizes if s >= batch)
         buffer = pinned(self._buffer_len(size))
         buffer.zero_()
         parts = [part.numpy() for part in self._split(size, buffer)]
@@ -150,61 +167,126 @@ class DecodeGraphs:
         if self.lora is not None:
             parts[5][:batch] = arrays.lora_slots
             parts[5][batch:] = -1
-        return self.set.replay(size, buffer, batch)
+        return self.set.replay(size, buffer, sampled_rows)
 
 
-class PrefillGraphs:
-    """Prefill graphs by token count, each for up to PREFILL_GRAPH_MAX_SEQS prompts; buffer
-    [ids | positions | slots (T each) | context_lens (S) | cu_seqlens (S + 1) | tables (S x W)].
-    Padding tokens follow the last prompt and belong to none (the attention kernel reads the
-    prompts' extents from cu_seqlens, which repeats the total for padding sequences)."""
+@dataclass(frozen=True)
+class VarlenShape:
+    """A varlen graph's static shape: decode_rows one-token sequences first (the decode kernel),
+    then up to `tokens` query tokens of at most `seqs` sequences, none longer than
+    max_seqlen_q (the prefill kernel)."""
+    decode_rows: int
+    tokens: int
+    seqs: int
+    max_seqlen_q: int
 
-    def __init__(self, model: nn.Module, token_counts: tuple[int, ...], table_width: int,
-                 device: torch.device, pool) -> None:
+
+def prefill_shapes(token_counts: tuple[int, ...]) -> list[VarlenShape]:
+    """Up to PREFILL_GRAPH_MAX_SEQS prompts (or chunks) of `tokens` tokens in all."""
+    return [VarlenShape(0, t, PREFILL_GRAPH_MAX_SEQS, t) for t in token_counts]
+
+
+def mixed_shapes(batch_sizes: tuple[int, ...], token_counts: tuple[int, ...]) -> list[VarlenShape]:
+    """A decode batch beside prompt chunks (chunked prefill): every batch size x chunk tokens."""
+    return [VarlenShape(b, t, PREFILL_GRAPH_MAX_SEQS, t) for b in batch_sizes for t in token_counts]
+
+
+def verify_shapes(batch_sizes: tuple[int, ...], drafts: int) -> list[VarlenShape]:
+    """Decoding rows with up to `drafts` drafts each (speculative decoding)."""
+    return [VarlenShape(0, b * (drafts + 1), b, drafts + 1) for b in batch_sizes]
+
+
+class VarlenGraphs:
+    """Varlen graphs by shape; buffer [ids | positions | slots (D + T each) | context_lens
+    (D + S) | cu_seqlens (S + 1) | tables ((D + S) x W)], the decode rows' first. Padding tokens
+    follow each part's last real one and belong to no sequence (the prefill kernel reads the
+    extents from cu_seqlens, which repeats the total for padding sequences).
+
+    every_row: logits at every token (verification samples each draft position); otherwise
+    at each sequence's last token (the rows a prefill or mixed step samples)."""
+
+    def __init__(self, model: nn.Module, shapes: list[VarlenShape], every_row: bool,
+                 table_width: int, device: torch.device, pool) -> None:
         self.model = model
         self.table_width = table_width
-        self.max_seqs = PREFILL_GRAPH_MAX_SEQS
-        self.set = _GraphSet(token_counts, self._buffer_len(max(token_counts)), device, pool)
+        self.every_row = every_row
+        shapes = sorted(set(shapes), key=lambda s: (s.decode_rows + s.tokens, s.decode_rows))
+        largest = max(self._buffer_len(s) for s in shapes)
+        self.decode_index = torch.arange(max(s.decode_rows for s in shapes), device=device)
+        self.set = _GraphSet(shapes, largest, device, pool)
         self.set.capture(self._forward, self._prepare)
-        logger.info("[textgen] captured prefill CUDA graphs for %s tokens", self.set.sizes)
+        logger.info("[textgen] captured %d %s CUDA graphs, up to %d tokens", len(shapes),
+                    "verification" if every_row else "prefill / mixed",
+                    max(s.decode_rows + s.tokens for s in shapes))
 
-    def fits(self, num_tokens: int, num_seqs: int) -> bool:
-        return num_tokens <= self.set.sizes[-1] and num_seqs <= self.max_seqs
+    def shape_for(self, arrays: StepArrays) -> VarlenShape | None:
+        """The smallest captured shape holding the step, or None."""
+        lens = np.diff(arrays.cu_seqlens)
+        lead = leading_decode_rows(lens)
+        for shape in self.set.sizes:
+            d = lead if shape.decode_rows else 0
+            rest = lens[d:]
+            if (d <= shape.decode_rows and len(rest) <= shape.seqs
+                    and rest.sum() <= shape.tokens and rest.max() <= shape.max_seqlen_q):
+                return shape
+        return None
 
-    def _buffer_len(self, tokens: int) -> int:
-        s = self.max_seqs
-        return 3 * tokens + s + (s + 1) + s * self.table_width
+    def _buffer_len(self, shape: VarlenShape) -> int:
+        d, t, s = shape.decode_rows, shape.tokens, shape.seqs
+        return 3 * (d + t) + (d + s) + (s + 1) + (d + s) * self.table_width
 
-    def _split(self, tokens: int, buffer):
-        s = self.max_seqs
+    def _split(self, shape: VarlenShape, buffer):
+        d, t, s = shape.decode_rows, shape.tokens, shape.seqs
         ids, positions, slots, context_lens, cu_seqlens, tables = buffer[
-            :self._buffer_len(tokens)].split([tokens, tokens, tokens, s, s + 1,
-                                              s * self.table_width])
+            :self._buffer_len(shape)].split([d + t, d + t, d + t, d + s, s + 1,
+                                             (d + s) * self.table_width])
         return ids, positions, slots, context_lens, cu_seqlens, tables.reshape(
-            s, self.table_width)
+            d + s, self.table_width)
 
-    def _prepare(self, tokens: int) -> None:
+    def _prepare(self, shape: VarlenShape) -> None:
         self.set.inputs.zero_()
-        self._split(tokens, self.set.inputs)[2].fill_(-1)
+        self._split(shape, self.set.inputs)[2].fill_(-1)
 
-    def _forward(self, tokens: int) -> torch.Tensor:
-        ids, positions, slots, context_lens, cu_seqlens, tables = self._split(tokens,
+    def _forward(self, shape: VarlenShape) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, positions, slots, context_lens, cu_seqlens, tables = self._split(shape,
                                                                              self.set.inputs)
+        d = shape.decode_rows
         meta = AttentionMetadata(is_decode=False, slot_mapping=slots, context_lens=context_lens,
                                  block_tables=tables, cu_seqlens_q=cu_seqlens,
-                                 max_seqlen_q=tokens)
+                                 max_seqlen_q=shape.max_seqlen_q, decode_rows=d)
         hidden = self.model(ids, positions, meta)
-        # a padding sequence's "last token" is the last real one: its logits are sliced off
-        return self.model.compute_logits(hidden[(cu_seqlens[1:] - 1).clamp(min=0)])
+        if not self.every_row:
+            # a padding sequence's "last token" is the last real one: its rows are not returned
+            hidden = hidden[torch.cat([self.decode_index[:d],
+                                       d + (cu_seqlens[1:] - 1).clamp(min=0)])]
+        return self.model.compute_logits(hidden), hidden
 
-    def run(self, arrays: StepArrays, pinned) -> torch.Tensor:
+    def run(self, arrays: StepArrays, pinned,
+            sampled_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, hidden states) of the step's sampled token rows (without every_row, each
+        is a sequence's last token, whose output row is the sequence's)."""
+        shape = self.shape_for(arrays)
+        d = leading_decode_rows(np.diff(arrays.cu_seqlens)) if shape.decode_rows else 0
         num_tokens, batch = len(arrays.ids), len(arrays.context_lens)
-        size = self.set.smallest(num_tokens)
-        buffer = pinned(self._buffer_len(size))
+        gap = shape.decode_rows - d  # padding decode rows before the prefill part
+        token_rows = np.arange(num_tokens)
+        token_rows[d:] += gap
+        seq_rows = np.arange(batch)
+        seq_rows[d:] += gap
+        buffer = pinned(self._buffer_len(shape))
         buffer.zero_()
         ids, positions, slots, context_lens, cu_seqlens, tables = (
-            part.numpy() for part in self._split(size, buffer))
-        _fill(arrays, ids, positions, slots, context_lens, tables)
-        cu_seqlens[:batch + 1] = arrays.cu_seqlens
-        cu_seqlens[batch + 1:] = num_tokens
-        return self.set.replay(size, buffer, batch)
+            part.numpy() for part in self._split(shape, buffer))
+        _fill(arrays, ids, positions, slots, context_lens, tables, token_rows, seq_rows)
+        cu_seqlens[:batch - d + 1] = arrays.cu_seqlens[d:] - d
+        cu_seqlens[batch - d + 1:] = num_tokens - d
+        rows = (token_rows[sampled_rows] if self.every_row else
+                seq_rows[np.searchsorted(arrays.cu_seqlens, sampled_rows, side="right") - 1])
+        return self.set.replay(shape, buffer, rows)
+
+
+def leading_decode_rows(lens: np.ndarray) -> int:
+    """One-token sequences at the head of a varlen step, which the decode kernel can take; the
+    last sequence always stays with the prefill kernel (a varlen step has a prefill part)."""
+    longer = np.flatnonzero(lens[:-1] != 1)
+    return int(longer[0]) if len(longer) else len(lens) - 1

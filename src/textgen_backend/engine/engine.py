@@ -18,6 +18,7 @@ from textgen_backend.adapters.residency import AdapterResidency
 from textgen_backend.adapters.shard_loads import ShardedAdapterLoads
 from textgen_backend.config import EngineConfig, EngineLimits, resolve_token_limits
 from textgen_backend.engine.block_manager import BlockManager
+from textgen_backend.engine.cuda_graphs import mixed_shapes, prefill_shapes, verify_shapes
 from textgen_backend.engine.faults import OOM_CAP_STEPS, FaultInjector, is_out_of_memory
 from textgen_backend.engine.loading import build_runner, check_shardable, choose_dtype
 from textgen_backend.engine.scheduler import Scheduler, SchedulerOutput, StepOutput
@@ -79,9 +80,15 @@ class Engine:
             max_blocks = -(-self.limits.max_total_tokens // config.block_size)
             sizes = [b for b in config.cuda_graph_batch_sizes
                      if config.max_batch_size is None or b <= config.max_batch_size]
-            prefill = [t for t in config.prefill_graph_token_counts
-                       if t <= self.limits.max_batch_prefill_tokens]
-            self.runner.capture_cuda_graphs(tuple(sizes), tuple(prefill), max_blocks)
+            prefill = tuple(t for t in config.prefill_graph_token_counts
+                            if t <= self.limits.max_batch_prefill_tokens)
+            # mixed steps (decode rows beside prompt chunks) come with chunked prefill only
+            mixed = mixed_shapes(tuple(sizes), prefill) if self.limits.chunked_prefill else []
+            verify = (verify_shapes(tuple(b for b in sizes
+                                          if b <= config.speculation_max_batch_size),
+                                    self._num_drafts()) if config.speculate else [])
+            self.runner.capture_cuda_graphs(tuple(sizes), prefill_shapes(prefill) + mixed,
+                                            verify, max_blocks)
         self.block_manager = BlockManager(self.limits.num_kv_blocks, config.block_size,
                                           config.prefix_caching)
         self.prompts = PromptCache(config.prompt_cache_size_mb * 2**20, self.dtype, self.device)
@@ -102,15 +109,19 @@ class Engine:
                     loaded - started, time.monotonic() - loaded,
                     self.limits.max_batch_total_tokens)
 
+    def _num_drafts(self) -> int:
+        """--speculate, or the Medusa heads there are when fewer."""
+        medusa = self.runner.medusa
+        return min(self.config.speculate, medusa.num_heads if medusa else self.config.speculate)
+
     def _speculator(self) -> Speculator | None:
         c, medusa = self.config, self.runner.medusa
         if not c.speculate:
             return None
-        drafts = c.speculate
-        if medusa is not None and medusa.num_heads < drafts:
+        drafts = self._num_drafts()
+        if drafts < c.speculate:
             logger.warning("[textgen] --speculate %d: the model has %d Medusa heads, so %d "
-                           "drafts per step", drafts, medusa.num_heads, medusa.num_heads)
-            drafts = medusa.num_heads
+                           "drafts per step", c.speculate, drafts, drafts)
         method = "medusa" if medusa is not None else "ngram"
         logger.info("[textgen] speculative decoding: %d %s drafts per step, at most %d "
                     "sequences", drafts, method, c.speculation_max_batch_size)

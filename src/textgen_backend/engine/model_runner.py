@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from textgen_backend.engine.cuda_graphs import (DecodeGraphs, PrefillGraphs, StepArrays,
-                                                fill_block_tables)
+from textgen_backend.engine.cuda_graphs import (DecodeGraphs, StepArrays, VarlenGraphs,
+                                                VarlenShape, fill_block_tables,
+                                                leading_decode_rows)
 from textgen_backend.adapters.shard_loads import WorkerAdapterLoads
 from textgen_backend.adapters.slots import AdapterSlots
 from textgen_backend.layers.attention import AttentionMetadata
@@ -32,12 +33,15 @@ logger = logging.getLogger("textgen")
 class StepInputs:
     """A step's integer inputs, packed into one host buffer and copied to the device at once."""
 
-    def __init__(self, input_ids, positions, slots, context_lens, cu_seqlens, block_tables):
+    def __init__(self, input_ids, positions, slots, context_lens, cu_seqlens, block_tables,
+                 decode_rows: int = 0):
+        # a mixed step's decode rows go to the decode kernel: cu_seqlens then counts the others
+        self.decode_rows = decode_rows
+        cu_seqlens = np.asarray(cu_seqlens)[decode_rows:] - decode_rows
         parts = [input_ids, positions, slots, context_lens, cu_seqlens, block_tables.reshape(-1)]
         packed = np.concatenate([np.asarray(p, dtype=np.int32) for p in parts])
         self.num_tokens, self.batch = len(input_ids), len(context_lens)
-        self.cu_seqlens = np.asarray(cu_seqlens)
-        self.max_seqlen_q = int(np.max(np.diff(self.cu_seqlens)))
+        self.max_seqlen_q = int(np.max(np.diff(cu_seqlens)))
         self.table_width = block_tables.shape[1]
         self.host = torch.from_numpy(packed)
 
@@ -52,7 +56,7 @@ class StepInputs:
             host.copy_(self.host)
         flat = host.to(device, non_blocking=True)
         t, b = self.num_tokens, self.batch
-        sizes = [t, t, t, b, b + 1, b * self.table_width]
+        sizes = [t, t, t, b, b + 1 - self.decode_rows, b * self.table_width]
         ids, positions, slots, context_lens, cu_seqlens, tables = flat.split(sizes)
         return ids, positions, slots, context_lens, cu_seqlens, tables.view(b, self.table_width)
 
@@ -64,8 +68,7 @@ class ForwardStep:
     arrays: StepArrays
     varlen: bool                      # packed prompts / drafts, not one token per sequence
     graphs: str | None                # the runner's graph set replaying it, or None: eager
-    completes: list[bool]             # which sequences are sampled (a graph's logits rows)
-    sampled_rows: np.ndarray          # eager: the hidden rows sampled
+    sampled_rows: np.ndarray          # the token rows sampled
     soft_prompts: tuple[np.ndarray, torch.Tensor] | None  # virtual tokens' rows, embeddings
     detail_spans: list[tuple[int, int]]  # hidden rows [first, last) prompt details need
     keep_hidden_rows: bool            # Medusa drafts from the sampled rows' hidden states
@@ -100,7 +103,8 @@ class ModelRunner:
         self.watermark_gamma, self.watermark_delta = watermark_gamma, watermark_delta
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.decode_graphs: DecodeGraphs | None = None
-        self.prefill_graphs: PrefillGraphs | None = None
+        self.prefill_graphs: VarlenGraphs | None = None   # prefills and mixed steps
+        self.verify_graphs: VarlenGraphs | None = None    # steps with drafts
         self.adapter_slots: AdapterSlots | None = None  # set when adapters are served
         self.lora_batch: LoraBatch | None = None        # their slots' batch
         self.adapter_loads: WorkerAdapterLoads | None = None  # a tensor-parallel worker's
@@ -115,7 +119,9 @@ class ModelRunner:
         ends with a sync, so the previous step's copy out of it has finished; on a
         tensor-parallel worker, rank 0's sync, which the step's collectives wait for)."""
         if len(self._staging) < size:
-            self._staging = torch.empty(2 * size, dtype=torch.int32).pin_memory()
+            self._staging = torch.empty(2 * size, dtype=torch.int32)
+            if self.device.type == "cuda":
+                self._staging = self._staging.pin_memory()
         return self._staging[:size]
 
     def _upload(self, inputs: StepInputs):
@@ -145,14 +151,17 @@ class ModelRunner:
 
     @collective
     def capture_cuda_graphs(self, decode_batch_sizes: tuple[int, ...],
-                            prefill_token_counts: tuple[int, ...],
+                            prefill_shapes: list[VarlenShape], verify_shapes: list[VarlenShape],
                             max_blocks_per_seq: int) -> None:
         if self.device.type != "cuda":
             return
         pool = torch.cuda.graph_pool_handle()  # one pool: steps never overlap
-        if prefill_token_counts:
-            self.prefill_graphs = PrefillGraphs(self.model, prefill_token_counts,
-                                                max_blocks_per_seq, self.device, pool)
+        if prefill_shapes:
+            self.prefill_graphs = VarlenGraphs(self.model, prefill_shapes, False,
+                                               max_blocks_per_seq, self.device, pool)
+        if verify_shapes:
+            self.verify_graphs = VarlenGraphs(self.model, verify_shapes, True,
+                                              max_blocks_per_seq, self.device, pool)
         if decode_batch_sizes:
             self.decode_graphs = DecodeGraphs(self.model, decode_batch_sizes,
                                               max_blocks_per_seq, self.device, pool)
@@ -174,7 +183,7 @@ class ModelRunner:
         details = self._detail_spans(out, arrays.cu_seqlens) if out.is_prefill else []
         graphs = self._graphs_for(out, arrays)
         forward = self.forward(ForwardStep(
-            arrays, varlen, graphs, completes,
+            arrays, varlen, graphs,
             _sampled_rows(arrays.cu_seqlens, completes, out.drafts),
             self._soft_prompts(out, arrays.cu_seqlens),
             [(first, end - 1) for _, first, end in details], self.medusa is not None))
@@ -202,17 +211,18 @@ class ModelRunner:
         """The step's forward pass (a CUDA graph's replay, or eager), up to the logits of the
         rows sampled and those prompt details need; every tensor-parallel rank runs it."""
         if step.graphs is not None:
-            logits = getattr(self, step.graphs).run(step.arrays, self._pinned)
-            if not all(step.completes):
-                logits = logits[torch.tensor(step.completes, device=logits.device)]
-            return ForwardOutput(logits)
+            logits, hidden_rows = getattr(self, step.graphs).run(step.arrays, self._pinned,
+                                                                 step.sampled_rows)
+            return ForwardOutput(logits, hidden_rows if step.keep_hidden_rows else None)
         a = step.arrays
         inputs = StepInputs(a.ids, a.positions, a.slots, a.context_lens, a.cu_seqlens,
-                            self._tables(a.block_ids))
+                            self._tables(a.block_ids),
+                            leading_decode_rows(np.diff(a.cu_seqlens)) if step.varlen else 0)
         ids, positions, slots, context_lens, cu_seqlens, tables = self._upload(inputs)
         meta = AttentionMetadata(is_decode=not step.varlen, slot_mapping=slots,
                                  context_lens=context_lens, block_tables=tables,
-                                 cu_seqlens_q=cu_seqlens, max_seqlen_q=inputs.max_seqlen_q)
+                                 cu_seqlens_q=cu_seqlens, max_seqlen_q=inputs.max_seqlen_q,
+                                 decode_rows=inputs.decode_rows)
         soft_prompts = None
         if step.soft_prompts is not None:
             rows, vectors = step.soft_prompts
@@ -231,23 +241,20 @@ class ModelRunner:
                               for first, last in step.detail_spans])
 
     def _graphs_for(self, out: SchedulerOutput, arrays: StepArrays) -> str | None:
-        """The graphs that can run this step (the attribute's name), or None to run it eagerly. Prefills that want
-        prompt token details need every position's hidden state, Medusa the sampled rows', and
-        steps with drafts every draft position's logits: those run eagerly."""
-        if self.medusa is not None or out.draft_ids is not None:
-            return None
-        if not out.is_prefill:
+        """The graphs that can run this step (the attribute's name), or None to run it
+        eagerly: varlen steps with adapters or soft prompts, and prefills that want prompt
+        token details (every position's logits)."""
+        if not out.is_prefill and out.draft_ids is None:
             name = "decode_graphs" if arrays.lora_slots is None else "adapter_decode_graphs"
             graphs = getattr(self, name)
             return name if graphs is not None and graphs.fits(len(out.seqs)) else None
         if arrays.lora_slots is not None or any(s.prefix is not None for s in out.seqs):
-            return None  # prefills with adapters or soft prompts run eagerly
-        graphs = self.prefill_graphs
-        if graphs is None or not graphs.fits(len(arrays.ids), len(out.seqs)):
             return None
         if any(s.details.input_details and not s.input_details_done for s in out.seqs):
             return None
-        return "prefill_graphs"
+        name = "prefill_graphs" if out.draft_ids is None else "verify_graphs"
+        graphs = getattr(self, name)
+        return name if graphs is not None and graphs.shape_for(arrays) is not None else None
 
     def _soft_prompts(self, out: SchedulerOutput, cu_seqlens: np.ndarray):
         """(rows, embeddings) of the virtual tokens of a prefill's soft prompts, or None."""

@@ -16,6 +16,12 @@ class AttentionMetadata:
     Prefill packs each sequence's new tokens back to back (cu_seqlens_q); decode has exactly one
     new token per sequence. context_lens counts each sequence's tokens in the cache, new ones
     included; block_tables lists its cache blocks.
+
+    A mixed step (decode rows beside prompt chunks) puts decode_rows one-token sequences first:
+    they go through the decode kernel, the others through the prefill kernel, which then reads
+    cu_seqlens_q and max_seqlen_q as theirs alone (offsets from their first token). Giving the
+    decode rows to the prefill kernel would launch max_seqlen_q / BLOCK_M programs for each
+    decode row's one query.
     """
     is_decode: bool
     slot_mapping: torch.Tensor   # [num_tokens] int64
@@ -23,6 +29,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor   # [batch, max_blocks] int32
     cu_seqlens_q: torch.Tensor   # [batch + 1] int32
     max_seqlen_q: int
+    decode_rows: int = 0
 
 
 class PagedAttention(nn.Module):
@@ -51,7 +58,12 @@ class PagedAttention(nn.Module):
                 q, self.k_cache, self.v_cache, meta.context_lens, meta.block_tables,
                 scale, self.sliding_window)
         else:
+            d = meta.decode_rows
             out = self.ops.paged_attention(
-                q, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens,
-                meta.block_tables, meta.max_seqlen_q, scale, self.sliding_window)
+                q[d:], self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens[d:],
+                meta.block_tables[d:], meta.max_seqlen_q, scale, self.sliding_window)
+            if d:
+                out = torch.cat([self.ops.paged_attention_decode(
+                    q[:d], self.k_cache, self.v_cache, meta.context_lens[:d],
+                    meta.block_tables[:d], scale, self.sliding_window), out])
         return out if self.v_scale == 1.0 else out * self.v_scale
