@@ -131,10 +131,14 @@ def mixed_load(model_dir, tiny, args, rng) -> list[list]:
     prefill off); a smaller chunk makes each mixed step cheaper and the long prompts' TTFT
     longer."""
     rows = []
-    for chunk in args.chunks + [None]:
-        # without chunks a prefill holds a whole prompt (TGI: max_input_tokens + 50)
+    runs = ([(c, True) for c in args.chunks] + [(c, False) for c in args.eager_chunks]
+            + [(None, True)])
+    for chunk, graphs in runs:
+        # without chunks a prefill holds a whole prompt (TGI: max_input_tokens + 50); without
+        # graphs mixed steps run eagerly (--prefill-cuda-graphs 0)
         engine = make_engine(model_dir, tiny, chunked_prefill=chunk is not None,
-                             max_batch_prefill_tokens=chunk)
+                             max_batch_prefill_tokens=chunk,
+                             **({} if graphs else {"prefill_cuda_graphs": "0"}))
         streams = [(0.0, _seq(i, rng.integers(10, args.vocab, 64).tolist(), args.stream_tokens))
                    for i in range(args.streams)]
         quiet = run_arrivals(engine, [
@@ -147,7 +151,7 @@ def mixed_load(model_dir, tiny, args, rng) -> list[list]:
         gaps = np.array([g for sid, gs in result["gaps"].items() if sid < 10_000
                          for g in gs]) * 1e3
         long_ttft = [1e3 * t for sid, t in result["ttft"].items() if sid >= 20_000]
-        rows.append([chunk or "off", f"{step_ms:.2f}", f"{np.percentile(gaps, 50):.2f}",
+        rows.append([f"{chunk or 'off'}{'' if graphs else ' (eager)'}", f"{step_ms:.2f}", f"{np.percentile(gaps, 50):.2f}",
                      f"{np.percentile(gaps, 99):.2f}", f"{np.percentile(gaps, 99) / step_ms:.2f}x",
                      f"{gaps.max():.1f}", f"{np.mean(long_ttft):.0f}"])
         del engine
@@ -172,6 +176,8 @@ def main():
                         help="seconds before the first long prompt (the streams are running)")
     parser.add_argument("--chunks", type=lambda v: [int(c) for c in v.split(",")],
                         default=[2048, 512, 256], help="chunk sizes (max_batch_prefill_tokens)")
+    parser.add_argument("--eager-chunks", type=lambda v: [int(c) for c in v.split(",") if c],
+                        default=[], help="chunk sizes also run without prefill / mixed graphs")
     parser.add_argument("--scenarios", default="shared,turns,mixed")
     parser.add_argument("--vocab", type=int, default=100_000, help="random token ids below")
     args = parser.parse_args()
