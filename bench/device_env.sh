@@ -7,7 +7,8 @@
 set -e
 echo "[device_env] PYTHONPATH was '${PYTHONPATH:-}'"
 unset PYTHONPATH  # the image may point it at the preinstalled site-packages (numpy 2)
-TORCH_SITE=$(python3 -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")
+# realpath: sourced again in a shell where the venv is active, torch is found through our links
+TORCH_SITE=$(python3 -c "import os, torch; print(os.path.dirname(os.path.dirname(os.path.realpath(torch.__file__))))")
 rm -rf /tmp/v /tmp/torch_site /tmp/textgen_pkgs  # idempotent on a warm machine
 python3 -m venv /tmp/v
 SITE=$(/tmp/v/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

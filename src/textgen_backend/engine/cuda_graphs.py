@@ -42,6 +42,34 @@ class StepArrays:
     lora_slots: np.ndarray | None = None  # each token's adapter slot (-1: none); None: no adapter
 
 
+class StagingBuffer:
+    """A pinned host buffer that each step's integer inputs cross to the device through, reused
+    step after step. Before it is rewritten, the host waits for the device to have copied the
+    previous step's inputs out of it: a step that samples nothing (a prompt chunk) never syncs,
+    so the next step could otherwise overwrite them before they were read."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.pinned = device.type == "cuda"
+        self.buffer = torch.empty(0, dtype=torch.int32)
+        self.copied = torch.cuda.Event() if self.pinned else None
+
+    def take(self, size: int) -> torch.Tensor:
+        """The buffer's first `size` int32s (their contents undefined)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        if len(self.buffer) < size:
+            self.buffer = torch.empty(2 * size, dtype=torch.int32)
+            if self.pinned:
+                self.buffer = self.buffer.pin_memory()
+        return self.buffer[:size]
+
+    def copy_to(self, device_tensor: torch.Tensor, host: torch.Tensor) -> None:
+        """Copies `host` (taken from the buffer) into device_tensor, asynchronously."""
+        device_tensor.copy_(host, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+
+
 class _GraphSet:
     """Graphs captured over one static input buffer, one per size (sizes: smallest first;
     captured largest first, so that the shared memory pool fits the smaller ones). Each graph's
@@ -66,10 +94,10 @@ class _GraphSet:
                 self.graphs[size] = graph
         torch.cuda.synchronize()
 
-    def replay(self, size, host: torch.Tensor,
+    def replay(self, size, staging: StagingBuffer, host: torch.Tensor,
                rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, hidden) of the given output rows (a prefix is sliced, others gathered)."""
-        self.inputs[:len(host)].copy_(host, non_blocking=True)
+        staging.copy_to(self.inputs[:len(host)], host)
         logits, hidden = self._launch(size)
         if np.array_equal(rows, np.arange(len(rows))):
             return logits[:len(rows)], hidden[:len(rows)]
@@ -154,20 +182,20 @@ class DecodeGraphs:
                 self.lora.slot_of_token = None
         return self.model.compute_logits(hidden), hidden
 
-    def run(self, arrays: StepArrays, pinned,
+    def run(self, arrays: StepArrays, staging: StagingBuffer,
             sampled_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Replays the smallest graph holding the batch: (logits, hidden states) of the rows
-        sampled; pinned(n) gives a host buffer."""
+        sampled."""
         batch = len(arrays.ids)
         size = next(s for s in self.set.sizes if s >= batch)
-        buffer = pinned(self._buffer_len(size))
+        buffer = staging.take(self._buffer_len(size))
         buffer.zero_()
         parts = [part.numpy() for part in self._split(size, buffer)]
         _fill(arrays, *parts[:5])
         if self.lora is not None:
             parts[5][:batch] = arrays.lora_slots
             parts[5][batch:] = -1
-        return self.set.replay(size, buffer, sampled_rows)
+        return self.set.replay(size, staging, buffer, sampled_rows)
 
 
 @dataclass(frozen=True)
@@ -261,7 +289,7 @@ class VarlenGraphs:
                                        d + (cu_seqlens[1:] - 1).clamp(min=0)])]
         return self.model.compute_logits(hidden), hidden
 
-    def run(self, arrays: StepArrays, pinned,
+    def run(self, arrays: StepArrays, staging: StagingBuffer,
             sampled_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, hidden states) of the step's sampled token rows (without every_row, each
         is a sequence's last token, whose output row is the sequence's)."""
@@ -273,7 +301,7 @@ class VarlenGraphs:
         token_rows[d:] += gap
         seq_rows = np.arange(batch)
         seq_rows[d:] += gap
-        buffer = pinned(self._buffer_len(shape))
+        buffer = staging.take(self._buffer_len(shape))
         buffer.zero_()
         ids, positions, slots, context_lens, cu_seqlens, tables = (
             part.numpy() for part in self._split(shape, buffer))
@@ -282,7 +310,7 @@ class VarlenGraphs:
         cu_seqlens[batch - d + 1:] = num_tokens - d
         rows = (token_rows[sampled_rows] if self.every_row else
                 seq_rows[np.searchsorted(arrays.cu_seqlens, sampled_rows, side="right") - 1])
-        return self.set.replay(shape, buffer, rows)
+        return self.set.replay(shape, staging, buffer, rows)
 
 
 def leading_decode_rows(lens: np.ndarray) -> int:

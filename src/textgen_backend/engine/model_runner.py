@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from textgen_backend.engine.cuda_graphs import (DecodeGraphs, StepArrays, VarlenGraphs,
-                                                VarlenShape, fill_block_tables,
+from textgen_backend.engine.cuda_graphs import (DecodeGraphs, StagingBuffer, StepArrays,
+                                                VarlenGraphs, VarlenShape, fill_block_tables,
                                                 leading_decode_rows)
 from textgen_backend.adapters.shard_loads import WorkerAdapterLoads
 from textgen_backend.adapters.slots import AdapterSlots
@@ -45,16 +45,13 @@ class StepInputs:
         self.table_width = block_tables.shape[1]
         self.host = torch.from_numpy(packed)
 
-    def to(self, device: torch.device, staging: torch.Tensor | None = None):
-        """(input_ids, positions, slot_mapping, context_lens, cu_seqlens, block_tables) on device.
-
-        staging: a pinned host buffer to copy through (reused each step: the step's final sync
-        guarantees the previous copy finished)."""
-        host = self.host
-        if staging is not None:
-            host = staging
-            host.copy_(self.host)
-        flat = host.to(device, non_blocking=True)
+    def to(self, device: torch.device, staging: StagingBuffer):
+        """(input_ids, positions, slot_mapping, context_lens, cu_seqlens, block_tables) on
+        device, copied through the staging buffer."""
+        host = staging.take(len(self.host))
+        host.copy_(self.host)
+        flat = torch.empty(len(host), dtype=torch.int32, device=device)
+        staging.copy_to(flat, host)
         t, b = self.num_tokens, self.batch
         sizes = [t, t, t, b, b + 1 - self.decode_rows, b * self.table_width]
         ids, positions, slots, context_lens, cu_seqlens, tables = flat.split(sizes)
@@ -111,23 +108,8 @@ class ModelRunner:
         self.adapter_decode_graphs: DecodeGraphs | None = None
         self.grammars: GrammarMatchers | None = None    # set when grammars are served
         self.medusa: MedusaHeads | None = None          # set when speculating with Medusa
-        self._staging = torch.empty(0, dtype=torch.int32)
+        self._staging = StagingBuffer(device)
         self.shards: ShardGroup | None = None           # rank 0's, when tensor-parallel
-
-    def _pinned(self, size: int) -> torch.Tensor:
-        """A pinned host buffer of at least `size` int32s, reused from step to step (each step
-        ends with a sync, so the previous step's copy out of it has finished; on a
-        tensor-parallel worker, rank 0's sync, which the step's collectives wait for)."""
-        if len(self._staging) < size:
-            self._staging = torch.empty(2 * size, dtype=torch.int32)
-            if self.device.type == "cuda":
-                self._staging = self._staging.pin_memory()
-        return self._staging[:size]
-
-    def _upload(self, inputs: StepInputs):
-        if self.device.type != "cuda":
-            return inputs.to(self.device)
-        return inputs.to(self.device, self._pinned(len(inputs.host)))
 
     def load_adapter(self, load_id: int, ref, slot: int) -> None:
         """A tensor-parallel worker's share of an adapter rank 0 loads (a call it sends)."""
@@ -211,14 +193,15 @@ class ModelRunner:
         """The step's forward pass (a CUDA graph's replay, or eager), up to the logits of the
         rows sampled and those prompt details need; every tensor-parallel rank runs it."""
         if step.graphs is not None:
-            logits, hidden_rows = getattr(self, step.graphs).run(step.arrays, self._pinned,
+            logits, hidden_rows = getattr(self, step.graphs).run(step.arrays, self._staging,
                                                                  step.sampled_rows)
             return ForwardOutput(logits, hidden_rows if step.keep_hidden_rows else None)
         a = step.arrays
         inputs = StepInputs(a.ids, a.positions, a.slots, a.context_lens, a.cu_seqlens,
                             self._tables(a.block_ids),
                             leading_decode_rows(np.diff(a.cu_seqlens)) if step.varlen else 0)
-        ids, positions, slots, context_lens, cu_seqlens, tables = self._upload(inputs)
+        ids, positions, slots, context_lens, cu_seqlens, tables = inputs.to(self.device,
+                                                                            self._staging)
         meta = AttentionMetadata(is_decode=not step.varlen, slot_mapping=slots,
                                  context_lens=context_lens, block_tables=tables,
                                  cu_seqlens_q=cu_seqlens, max_seqlen_q=inputs.max_seqlen_q,
