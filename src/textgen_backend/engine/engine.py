@@ -164,7 +164,7 @@ class Engine:
         elif self.device.type == "cuda":
             # More than every admissible request at full length could never be used.
             useful = -(-c.max_concurrent_requests * max_total // c.block_size)
-            num_blocks = min(self._blocks_that_fit(prefill), useful)
+            num_blocks = min(self._blocks_that_fit(prefill, max_input), useful)
         else:
             num_blocks = -(-4 * max_total // c.block_size)
         if num_blocks * c.block_size < max_total:
@@ -177,15 +177,23 @@ class Engine:
                             waiting_served_ratio=c.waiting_served_ratio,
                             chunked_prefill=c.chunked_prefill)
 
-    def _blocks_that_fit(self, prefill_tokens: int) -> int:
-        """KV blocks that fit in GPU memory after a warm-up prefill of the largest size."""
+    def _blocks_that_fit(self, prefill_tokens: int, max_input: int) -> int:
+        """KV blocks that fit in GPU memory after a warm-up prefill of the largest size: prompts
+        of at most max_input tokens (one longer than the model's positions would index past
+        its rotary table)."""
         bs = self.config.block_size
-        self.runner.allocate_kv_cache(-(-prefill_tokens // bs) + 1)
+        lengths = [min(max_input, prefill_tokens - start)
+                   for start in range(0, prefill_tokens, max_input)]
+        self.runner.allocate_kv_cache(sum(-(-n // bs) for n in lengths) + 1)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        warmup = Sequence(-1, [0] * prefill_tokens, SamplingParams(), StoppingParams(max_tokens=1))
-        warmup.block_ids = list(range(-(-prefill_tokens // bs)))
-        self.runner.execute(SchedulerOutput([warmup], is_prefill=True))
+        warmups, next_block = [], 0
+        for n in lengths:
+            seq = Sequence(-1, [0] * n, SamplingParams(), StoppingParams(max_tokens=1))
+            seq.block_ids = list(range(next_block, next_block + -(-n // bs)))
+            next_block += len(seq.block_ids)
+            warmups.append(seq)
+        self.runner.execute(SchedulerOutput(warmups, is_prefill=True))
         torch.cuda.synchronize()
         activation_peak = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
         self.runner.allocate_kv_cache(0)
