@@ -79,6 +79,23 @@ def decode_run(engine, prompts, tokens: int, num_drafts: int, proposer) -> dict:
             "tokens": made, "acceptance": accepted / drafted if drafted else float("nan")}
 
 
+def deterministic_walk(model) -> None:
+    """Random weights give near-flat logits, so bf16 rounding differences between a decode
+    graph and a verification step flip the greedy token at most steps (the first H200 run: an
+    oracle of the plain run's tokens landed 1-18% of its drafts). With the attention and MLP
+    outputs zeroed (o_proj, down_proj: the same GEMMs at the same cost) and lm_head a
+    permutation of the embeddings, the next token of t is perm^-1(t) by a wide margin: every
+    path agrees, and an oracle's drafts land."""
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.norm.weight.fill_(1.0)
+        embeddings = model.embed_tokens.weight
+        perm = torch.randperm(embeddings.shape[0], generator=torch.Generator().manual_seed(0))
+        model.lm_head.weight.copy_(embeddings[perm.to(embeddings.device)])
+
+
 def mechanics(args) -> list[list]:
     from textgen_backend.config import EngineConfig
     from textgen_backend.engine.engine import Engine
@@ -89,6 +106,7 @@ def mechanics(args) -> list[list]:
                           max_batch_prefill_tokens=16384, speculate=max(args.drafts),
                           speculation_max_batch_size=max(args.batches), waiting_served_ratio=0.0)
     engine = Engine(config, config.model_id)
+    deterministic_walk(engine.runner.model)
     rng = np.random.default_rng(0)
     rows = []
     for batch in args.batches:
