@@ -138,9 +138,9 @@ def test_verification_graphs_equal_eager_steps(model_dir, launched, monkeypatch)
     while engine.has_work():
         engine.step()
     assert [s.output_ids for s in seqs] == [s.output_ids for s in reference]
-    verified = [s for s in launched if s.max_seqlen_q == 4 and s.seqs in BATCH_SIZES
-                and s.tokens == 4 * s.seqs]
+    verified = [s for s in launched if s.max_seqlen_q == 4]
     assert len(verified) >= 5 and engine.stats().speculation_accepted_tokens > 0
+    assert any(s.tokens < 4 * s.seqs for s in verified), "padding rows need no padding drafts"
 
 
 def test_medusa_drafts_from_graph_hidden_rows_equal_eager_ones(model_dir, launched, tmp_path,

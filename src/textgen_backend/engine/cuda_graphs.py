@@ -220,8 +220,10 @@ def mixed_shapes(batch_sizes: tuple[int, ...], token_counts: tuple[int, ...]) ->
 
 
 def verify_shapes(batch_sizes: tuple[int, ...], drafts: int) -> list[VarlenShape]:
-    """Decoding rows with up to `drafts` drafts each (speculative decoding)."""
-    return [VarlenShape(0, b * (drafts + 1), b, drafts + 1) for b in batch_sizes]
+    """Decoding rows with up to `drafts` drafts each (speculative decoding), by batch size and
+    by drafts per row on average (n-gram proposals are often shorter than N, or empty)."""
+    return [VarlenShape(0, b * (n + 1), b, drafts + 1) for b in batch_sizes
+            for n in range(1, drafts + 1)]
 
 
 class VarlenGraphs:
