@@ -63,10 +63,10 @@ def time_decode(engine, batch: int, context: int, steps: int, rng) -> tuple[floa
     seqs = [Sequence(1000 * batch + i, [rng.randrange(128000) for _ in range(context)],
                      SamplingParams(), StoppingParams(max_tokens=steps + 16, ignore_eos=True))
             for i in range(batch)]
-    graphs = engine.runner.decode_graphs.set
+    graphs = engine.runner.decode_graphs
     graph_ms = []
     step_ms = decode_step_ms(engine, seqs, steps, lambda: graph_ms.append(triton.testing.do_bench(
-        graphs.graphs[next(b for b in graphs.sizes if b >= batch)].replay, warmup=10, rep=100, return_mode="median")))
+        graphs.set.graphs[graphs.size_for(batch)].replay, warmup=10, rep=100, return_mode="median")))
     return step_ms, graph_ms[0]
 
 

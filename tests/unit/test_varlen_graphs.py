@@ -112,6 +112,17 @@ def _run_waves(engine: Engine, seed: int = 0) -> list[list[int]]:
     return [s.output_ids for s in seqs]
 
 
+def _run_greedy(engine: Engine, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+    """Every prompt decoded to `tokens` tokens in one batch."""
+    seqs = [Sequence(i, p, SamplingParams(), StoppingParams(max_tokens=tokens, ignore_eos=True))
+            for i, p in enumerate(prompts)]
+    for seq in seqs:
+        engine.add(seq)
+    while engine.has_work():
+        engine.step()
+    return [s.output_ids for s in seqs]
+
+
 def test_prefill_and_mixed_graphs_equal_eager_steps(model_dir, launched):
     expected = _run_waves(_engine(model_dir, graphs=False))
     assert _run_waves(_engine(model_dir, graphs=True)) == expected
@@ -121,23 +132,11 @@ def test_prefill_and_mixed_graphs_equal_eager_steps(model_dir, launched):
 
 
 def test_verification_graphs_equal_eager_steps(model_dir, launched, monkeypatch):
-    plain = _engine(model_dir, graphs=False)
     prompts = [[random.Random(i).randrange(2, 400) for _ in range(5 + 7 * i)] for i in range(5)]
-    reference = [Sequence(i, p, SamplingParams(), StoppingParams(max_tokens=24, ignore_eos=True))
-                 for i, p in enumerate(prompts)]
-    for seq in reference:
-        plain.add(seq)
-    while plain.has_work():
-        plain.step()
-    oracle_drafts(monkeypatch, [p + s.output_ids for p, s in zip(prompts, reference)])
+    reference = _run_greedy(_engine(model_dir, graphs=False), prompts, 24)
+    oracle_drafts(monkeypatch, [p + out for p, out in zip(prompts, reference)])
     engine = _engine(model_dir, graphs=True, speculate=3)
-    seqs = [Sequence(i, p, SamplingParams(), StoppingParams(max_tokens=24, ignore_eos=True))
-            for i, p in enumerate(prompts)]
-    for seq in seqs:
-        engine.add(seq)
-    while engine.has_work():
-        engine.step()
-    assert [s.output_ids for s in seqs] == [s.output_ids for s in reference]
+    assert _run_greedy(engine, prompts, 24) == reference
     verified = [s for s in launched if s.max_seqlen_q == 4]
     assert len(verified) >= 5 and engine.stats().speculation_accepted_tokens > 0
     assert any(s.tokens < 4 * s.seqs for s in verified), "padding rows need no padding drafts"

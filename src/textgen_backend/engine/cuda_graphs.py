@@ -150,6 +150,10 @@ class DecodeGraphs:
     def fits(self, batch: int) -> bool:
         return batch <= self.set.sizes[-1]
 
+    def size_for(self, batch: int) -> int:
+        """The smallest captured batch size holding `batch` sequences."""
+        return next(s for s in self.set.sizes if s >= batch)
+
     def _buffer_len(self, size: int) -> int:
         return size * (4 + self.table_width + (self.lora is not None))
 
@@ -187,7 +191,7 @@ class DecodeGraphs:
         """Replays the smallest graph holding the batch: (logits, hidden states) of the rows
         sampled."""
         batch = len(arrays.ids)
-        size = next(s for s in self.set.sizes if s >= batch)
+        size = self.size_for(batch)
         buffer = staging.take(self._buffer_len(size))
         buffer.zero_()
         parts = [part.numpy() for part in self._split(size, buffer)]
@@ -251,15 +255,22 @@ class VarlenGraphs:
 
     def shape_for(self, arrays: StepArrays) -> VarlenShape | None:
         """The smallest captured shape holding the step, or None."""
+        return self._fit(arrays)[0]
+
+    def _fit(self, arrays: StepArrays) -> tuple[VarlenShape | None, int]:
+        """(the smallest captured shape holding the step, how many of its leading sequences
+        that shape's decode rows take: the step's one-token head, or none)."""
         lens = np.diff(arrays.cu_seqlens)
         lead = leading_decode_rows(lens)
+        # (sequences, tokens, longest query) of the prefill part, with either split
+        parts = {d: (len(lens) - d, int(lens[d:].sum()), int(lens[d:].max())) for d in {0, lead}}
         for shape in self.set.sizes:
             d = lead if shape.decode_rows else 0
-            rest = lens[d:]
-            if (d <= shape.decode_rows and len(rest) <= shape.seqs
-                    and rest.sum() <= shape.tokens and rest.max() <= shape.max_seqlen_q):
-                return shape
-        return None
+            seqs, tokens, longest = parts[d]
+            if (d <= shape.decode_rows and seqs <= shape.seqs and tokens <= shape.tokens
+                    and longest <= shape.max_seqlen_q):
+                return shape, d
+        return None, 0
 
     def _buffer_len(self, shape: VarlenShape) -> int:
         d, t, s = shape.decode_rows, shape.tokens, shape.seqs
@@ -295,8 +306,7 @@ class VarlenGraphs:
             sampled_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, hidden states) of the step's sampled token rows (without every_row, each
         is a sequence's last token, whose output row is the sequence's)."""
-        shape = self.shape_for(arrays)
-        d = leading_decode_rows(np.diff(arrays.cu_seqlens)) if shape.decode_rows else 0
+        shape, d = self._fit(arrays)
         num_tokens, batch = len(arrays.ids), len(arrays.context_lens)
         gap = shape.decode_rows - d  # padding decode rows before the prefill part
         token_rows = np.arange(num_tokens)

@@ -181,18 +181,11 @@ class Engine:
         """KV blocks that fit in GPU memory after a warm-up prefill of the largest size: prompts
         of at most max_input tokens (one longer than the model's positions would index past
         its rotary table)."""
-        bs = self.config.block_size
-        lengths = [min(max_input, prefill_tokens - start)
-                   for start in range(0, prefill_tokens, max_input)]
-        self.runner.allocate_kv_cache(sum(-(-n // bs) for n in lengths) + 1)
+        warmups = self._warmup_prompts([min(max_input, prefill_tokens - start)
+                                        for start in range(0, prefill_tokens, max_input)])
+        self.runner.allocate_kv_cache(sum(len(s.block_ids) for s in warmups) + 1)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        warmups, next_block = [], 0
-        for n in lengths:
-            seq = Sequence(-1, [0] * n, SamplingParams(), StoppingParams(max_tokens=1))
-            seq.block_ids = list(range(next_block, next_block + -(-n // bs)))
-            next_block += len(seq.block_ids)
-            warmups.append(seq)
         self.runner.execute(SchedulerOutput(warmups, is_prefill=True))
         torch.cuda.synchronize()
         activation_peak = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
@@ -205,23 +198,29 @@ class Engine:
             raise RuntimeError("no GPU memory left for the KV cache after loading the model")
         return num_blocks
 
+    def _warmup_prompts(self, lengths: list[int], blocks: int | None = None) -> list[Sequence]:
+        """Prompts of these lengths (token 0 repeated) on consecutive KV blocks from block 0,
+        up to the first that would need more than `blocks` blocks in all."""
+        bs, seqs, next_block = self.config.block_size, [], 0
+        for n in lengths:
+            needed = -(-n // bs)
+            if blocks is not None and next_block + needed > blocks:
+                break
+            seq = Sequence(-1, [0] * n, SamplingParams(), StoppingParams(max_tokens=1))
+            seq.block_ids = list(range(next_block, next_block + needed))
+            next_block += needed
+            seqs.append(seq)
+        return seqs
+
     def _compile_prefill_kernels(self) -> None:
         """Runs small prefills of assorted shapes so that Triton compiles the variants it
         specializes on (query tile sizes, 16-divisible lengths and strides) now, not in the
         middle of serving; compiled kernels are cached on disk for later starts."""
-        bs, blocks = self.config.block_size, self.limits.num_kv_blocks
         started = time.monotonic()
         for lengths in ([1], [16], [17], [40, 9], [100, 33, 2], [256], [300, 70]):
-            seqs, next_block = [], 0
-            for n in lengths:
-                n = min(n, self.limits.max_batch_prefill_tokens // len(lengths))
-                seq = Sequence(-1, [0] * n, SamplingParams(), StoppingParams(max_tokens=1))
-                needed = -(-n // bs)
-                if next_block + needed > blocks:
-                    break
-                seq.block_ids = list(range(next_block, next_block + needed))
-                next_block += needed
-                seqs.append(seq)
+            budget = self.limits.max_batch_prefill_tokens // len(lengths)
+            seqs = self._warmup_prompts([min(n, budget) for n in lengths],
+                                        self.limits.num_kv_blocks)
             if seqs:
                 self.runner.execute(SchedulerOutput(seqs, is_prefill=True))
         if self.limits.chunked_prefill:
