@@ -1,6 +1,7 @@
 """Offline throughput on 1,000 synthetic ShareGPT-shaped requests (lognormal lengths, mean ~200
-input / ~180 output tokens, fixed seed, EOS ignored): our engine in-process, the same engine
-through tritonserver with concurrent gRPC streaming clients, and HF transformers generate.
+input / ~180 output tokens, fixed seed, EOS ignored): our engine in-process (async scheduling on,
+then the same engine with it off), the same engine through tritonserver with concurrent gRPC
+streaming clients, and HF transformers generate.
 
     python bench/bench_throughput.py [--requests 1000] [--clients 8] [--streams 48]
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import dataclasses
 import multiprocessing
 import tempfile
 import time
@@ -33,57 +35,55 @@ def engine_config(model_dir: Path, **overrides):
                         **overrides)
 
 
-def in_process(model_dir: Path, requests, profile_steps: int = 40) -> dict:
+def in_process(model_dir: Path, requests, profile_steps: int = 40,
+               compare_sync: bool = True) -> list[dict]:
+    """The workload in-process with async scheduling, then (compare_sync) again on the same
+    engine with it switched off (new random prompts, so that the prefix cache holds none)."""
     from textgen_backend.engine.engine import Engine
     from textgen_backend.sampling.params import SamplingParams, StoppingParams
     from textgen_backend.engine.sequence import Sequence
 
     engine = Engine(engine_config(model_dir), model_dir)
-    rng = np.random.default_rng(1)
-    seqs = [Sequence(i, rng.integers(0, 128000, n_in).tolist(), SamplingParams(),
-                     StoppingParams(max_tokens=n_out, ignore_eos=True))
-            for i, (n_in, n_out) in enumerate(requests)]
     warm = Sequence(-1, [1] * 64, SamplingParams(), StoppingParams(max_tokens=8, ignore_eos=True))
     engine.add(warm)
     while engine.has_work():
         engine.step()
-    busy = gpu_busy_fraction(engine, seqs[:256], profile_steps)
-    executed = []  # (is_prefill, sequences, tokens, seconds) of each model step
-    execute = engine.runner.execute
-
-    def timed_execute(out):
-        start = time.perf_counter()
-        tokens = execute(out)
-        executed.append((out.is_prefill, len(out.seqs),
-                         sum(s.num_tokens for s in out.seqs) if out.is_prefill else len(out.seqs),
-                         time.perf_counter() - start))
-        return tokens
-
-    engine.runner.execute = timed_execute
-    with Timer() as t:
-        for s in seqs:
-            engine.add(s)
-        while engine.has_work():
-            engine.step()
-    del engine.runner.execute  # back to the class's method (no reference cycle)
-    tokens = sum(len(s.output_ids) for s in seqs)
-    for kind in (True, False):
-        steps = [e for e in executed if e[0] == kind]
-        print(f"{'prefill' if kind else 'decode'} steps: {len(steps)}, "
-              f"{sum(e[3] for e in steps):.2f} s in execute(), mean batch "
-              f"{sum(e[1] for e in steps) / max(1, len(steps)):.1f} sequences / "
-              f"{sum(e[2] for e in steps) / max(1, len(steps)):.0f} tokens")
-    print(f"outside execute() (scheduling, bookkeeping): "
-          f"{t.seconds - sum(e[3] for e in executed):.2f} s")
-    steps = {("prefill" if kind else "next_token"): [
-        len(e), sum(x[3] for x in e), sum(x[3] for x in e), sum(x[1] for x in e)]
-        for kind in (True, False) for e in [[x for x in executed if x[0] == kind]]}
-    result = {"seconds": t.seconds, "tokens": tokens, "busy": busy, "steps": steps,
-              "kv_tokens": engine.limits.max_batch_total_tokens,
-              "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    busy = gpu_busy_fraction(engine, _sequences(requests, 0)[:256], profile_steps)
+    results = []
+    for seed, async_scheduling in [(1, True), (2, False)][:1 + compare_sync]:
+        engine.config = dataclasses.replace(engine.config, async_scheduling=async_scheduling)
+        seqs = _sequences(requests, seed)
+        executed = []  # (is_prefill, sequences, seconds of its step() call, forward seconds)
+        with Timer() as t:
+            for s in seqs:
+                engine.add(s)
+            while engine.has_work():
+                started = time.perf_counter()
+                engine.step()
+                step = engine.last_step
+                if step is not None:
+                    executed.append((step.is_prefill, step.batch_size,
+                                     time.perf_counter() - started, step.forward_seconds))
+        steps = {("prefill" if kind else "next_token"): [
+            len(e), sum(x[2] for x in e), sum(x[3] for x in e), sum(x[1] for x in e)]
+            for kind in (True, False) for e in [[x for x in executed if x[0] == kind]]}
+        results.append({"seconds": t.seconds, "tokens": sum(len(s.output_ids) for s in seqs),
+                        "busy": busy, "steps": steps, "async": async_scheduling,
+                        "kv_tokens": engine.limits.max_batch_total_tokens,
+                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
     del engine
     release_gpu_memory()
-    return result
+    return results
+
+
+def _sequences(requests, seed: int) -> list:
+    from textgen_backend.engine.sequence import Sequence
+    from textgen_backend.sampling.params import SamplingParams, StoppingParams
+
+    rng = np.random.default_rng(seed)
+    return [Sequence(i, rng.integers(0, 128000, n_in).tolist(), SamplingParams(),
+                     StoppingParams(max_tokens=n_out, ignore_eos=True))
+            for i, (n_in, n_out) in enumerate(requests)]
 
 
 def gpu_busy_fraction(engine, seqs, steps: int) -> float:
@@ -193,7 +193,9 @@ def main():
     parser.add_argument("--streams", type=int, default=48, help="concurrent streams per process")
     parser.add_argument("--hf-batch", type=int, default=64)
     parser.add_argument("--hf-cap", type=int, default=256, help="HF output tokens per request")
-    parser.add_argument("--skip", default="", help="comma list of: engine,triton,hf")
+    parser.add_argument("--skip", default="",
+                        help="comma list of: engine,triton,hf,sync (the in-process run with "
+                             "--no-async-scheduling)")
     args = parser.parse_args()
     skip = set(args.skip.split(","))
     requests = sharegpt_workload(args.requests, max_len=MAX_LEN)
@@ -205,10 +207,15 @@ def main():
     # tritonserver first: its engine lives in another process, gone when the server stops.
     served = None if "triton" in skip else through_tritonserver(model_dir, requests,
                                                                args.clients, args.streams)
-    engine = None if "engine" in skip else in_process(model_dir, requests)
-    if engine:
-        rows.append(["engine in-process", args.requests, engine["tokens"], engine["seconds"],
-                     engine["tokens"] / engine["seconds"], "100%"])
+    runs = [] if "engine" in skip else in_process(model_dir, requests,
+                                                  compare_sync="sync" not in skip)
+    engine = runs[0] if runs else None
+    for run in runs:
+        share = 100 * run["tokens"] / run["seconds"] / (engine["tokens"] / engine["seconds"])
+        rows.append(["engine in-process" + ("" if run["async"] else
+                                            ", --no-async-scheduling"),
+                     args.requests, run["tokens"], run["seconds"],
+                     run["tokens"] / run["seconds"], f"{share:.0f}%"])
     if served:
         share = (f"{100 * served['tokens'] / served['seconds'] / (engine['tokens'] / engine['seconds']):.0f}%"
                  if engine else "")
@@ -229,15 +236,16 @@ def main():
                 ["path", "requests", "output tokens", "seconds", "output tok/s", "vs in-process"],
                 rows)
     breakdown = []
-    if engine:
-        breakdown += steps_table("in-process", engine["seconds"], engine["steps"])
+    for run in runs:
+        breakdown += steps_table("in-process" + ("" if run["async"] else ", one by one"),
+                                 run["seconds"], run["steps"])
     if served:
         breakdown += steps_table("tritonserver", served["seconds"], served["steps"])
         print(f"client processes: {served['client_cpu']:.1f} s of CPU for "
               f"{args.requests} requests ({1e3 * served['client_cpu'] / args.requests:.1f} ms "
               f"each)")
-    # in-process, "forward" is execute(): the forward pass and sampling, as the server's
-    # forward_duration; "in steps" adds scheduling and token bookkeeping (server only)
+    # "in steps": the engine's step() calls in-process, the server's step durations served;
+    # "in forward": launch to tokens read (with async scheduling, the next step's launch within)
     print_table("Where the time goes (engine steps)",
                 ["path", "steps", "count", "mean batch", "s in steps", "s in forward",
                  "ms per step"], breakdown)

@@ -134,6 +134,14 @@ class EngineConfig:
                                  "running sequence (streams never stall behind a long prompt); "
                                  "--no-chunked-prefill runs TGI's separate prefill steps.",
                                  default=True)
+    async_scheduling: bool = flag("Schedule and launch each step while the GPU still runs the "
+                                  "one before, so that the host's work per step (scheduling, "
+                                  "reading tokens, sending outputs) hides behind the GPU's "
+                                  "(vLLM's --async-scheduling); it applies while no running "
+                                  "request uses penalties, a watermark, bad words of several "
+                                  "tokens or a grammar, without --speculate and with one "
+                                  "shard. --no-async-scheduling waits for each step's tokens "
+                                  "before scheduling the next.", default=True)
     prefix_caching: bool = flag("Reuse the KV of prompt prefixes that earlier requests computed "
                                 "(blocks full of the same tokens, adapter and soft prompt); "
                                 "--no-prefix-caching recomputes every prompt.", default=True)

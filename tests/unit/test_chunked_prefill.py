@@ -50,7 +50,7 @@ def test_a_long_prompt_is_chunked_while_a_stream_decodes_every_step(setup):
     model_dir, root, hf = setup
     rng = random.Random(0)
     long_prompt = [rng.randrange(2, 400) for _ in range(5 * CHUNK)]
-    engine = _engine(model_dir, root)
+    engine = _engine(model_dir, root, async_scheduling=False)  # last_step: the step launched
     stream = _greedy(1, [5, 6, 7], 40)
     engine.add(stream)
     engine.step()

@@ -12,10 +12,11 @@ pytestmark = pytest.mark.unit
 
 def test_step_stats_and_engine_statistics(tmp_path):
     model_dir = build_tiny_model(tmp_path / "tiny", "llama")
-    # TGI's separate prefill and decode steps (chunked prefill's mixed steps: test_chunked_prefill)
+    # TGI's separate prefill and decode steps (chunked prefill's mixed steps: test_chunked_prefill),
+    # each read before the next is scheduled (a step launched ahead: test_async_scheduling)
     engine = Engine(EngineConfig(model_id=str(model_dir), dtype="float32", max_total_tokens=64,
                                  max_batch_total_tokens=256, block_size=4,
-                                 chunked_prefill=False), model_dir)
+                                 chunked_prefill=False, async_scheduling=False), model_dir)
     a = Sequence(1, [5, 6, 7], SamplingParams(), StoppingParams(max_tokens=4, ignore_eos=True))
     b = Sequence(2, [8] * 9, SamplingParams(), StoppingParams(max_tokens=6, ignore_eos=True))
     engine.add(a)

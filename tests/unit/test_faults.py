@@ -35,8 +35,9 @@ def test_the_spec_names_steps_and_periods():
 def test_an_oom_cap_shrinks_the_batch_then_lifts(tmp_path, monkeypatch):
     monkeypatch.setenv("TEXTGEN_FAULT_INJECTION", "oom@2")
     model_dir = build_tiny_model(tmp_path / "model", "llama")
+    # steps read one by one (a step launched ahead that fails: test_async_scheduling)
     engine = Engine(EngineConfig(model_id=str(model_dir), max_input_tokens=50,
-                                 max_total_tokens=200), model_dir)
+                                 max_total_tokens=200, async_scheduling=False), model_dir)
     seqs = [Sequence(i, [5 + i, 6, 7], SamplingParams(),
                      StoppingParams(max_tokens=OOM_CAP_STEPS + 40, ignore_eos=True))
             for i in range(4)]

@@ -17,8 +17,8 @@ from draft_oracle import oracle_drafts
 from medusa_heads import add_random_medusa
 from textgen_backend.config import EngineConfig
 from textgen_backend.engine import cuda_graphs
-from textgen_backend.engine.cuda_graphs import (VarlenGraphs, mixed_shapes, prefill_shapes,
-                                                verify_shapes)
+from textgen_backend.engine.cuda_graphs import (DecodeGraphs, VarlenGraphs, VarlenShape,
+                                                mixed_shapes, prefill_shapes, verify_shapes)
 from textgen_backend.engine.engine import Engine
 from textgen_backend.engine.sequence import Sequence
 from textgen_backend.sampling.params import SamplingParams, StoppingParams
@@ -76,6 +76,21 @@ def launched(monkeypatch):
     return shapes
 
 
+@pytest.fixture
+def fed_into_graphs(monkeypatch):
+    """(graph set's kind, rows) of each write of pending tokens into a graph's static buffer
+    (async scheduling: input ids taken from the previous step's device output)."""
+    fed = []
+    write_rows = cuda_graphs.write_rows
+
+    def recording(ids, rows, values):
+        fed.append(len(rows))
+        write_rows(ids, rows, values)
+
+    monkeypatch.setattr(cuda_graphs, "write_rows", recording)
+    return fed
+
+
 def _engine(model_dir, graphs: bool, **overrides) -> Engine:
     config = dict(model_id=str(model_dir), max_input_tokens=100, max_total_tokens=160,
                   block_size=4, max_batch_prefill_tokens=16)
@@ -86,6 +101,7 @@ def _engine(model_dir, graphs: bool, **overrides) -> Engine:
         runner.prefill_graphs = VarlenGraphs(
             runner.model, prefill_shapes(TOKEN_COUNTS) + mixed_shapes(BATCH_SIZES, TOKEN_COUNTS),
             False, width, runner.device, None)
+        runner.decode_graphs = DecodeGraphs(runner.model, BATCH_SIZES, width, runner.device, None)
         if engine.config.speculate:
             runner.verify_graphs = VarlenGraphs(
                 runner.model, verify_shapes(BATCH_SIZES, engine.config.speculate), True, width,
@@ -123,11 +139,18 @@ def _run_greedy(engine: Engine, prompts: list[list[int]], tokens: int) -> list[l
     return [s.output_ids for s in seqs]
 
 
-def test_prefill_and_mixed_graphs_equal_eager_steps(model_dir, launched):
-    expected = _run_waves(_engine(model_dir, graphs=False))
-    assert _run_waves(_engine(model_dir, graphs=True)) == expected
-    mixed = [s for s in launched if s.decode_rows]
-    assert mixed and any(s.decode_rows == 0 for s in launched)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_prefill_mixed_and_decode_graphs_equal_eager_steps(model_dir, launched, fed_into_graphs,
+                                                           async_scheduling):
+    expected = _run_waves(_engine(model_dir, graphs=False, async_scheduling=False))
+    assert _run_waves(_engine(model_dir, graphs=True, async_scheduling=async_scheduling)) == \
+        expected
+    varlen = [s for s in launched if isinstance(s, VarlenShape)]
+    mixed = [s for s in varlen if s.decode_rows]
+    assert mixed and any(s.decode_rows == 0 for s in varlen)
+    assert len(varlen) < len(launched), "decode graphs replayed"
+    # steps launched ahead take their sequences' newest tokens from the device, in graphs too
+    assert bool(fed_into_graphs) == async_scheduling
     assert {s.decode_rows for s in mixed} >= {1, 2, 4}, "decode-row buckets, padded ones too"
 
 

@@ -18,10 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from textgen_backend.engine.async_steps import write_rows
 from textgen_backend.layers.attention import AttentionMetadata
 from textgen_backend.layers.lora import LoraBatch
 
 logger = logging.getLogger("textgen")
+
+# (rows, device values) of a step's input ids that are still on the device (async scheduling)
+FedIds = tuple[np.ndarray, torch.Tensor]
 
 # Prompts per prefill or mixed graph: enough for the prefills of a lightly loaded server (one or
 # a few new requests per step) and for the prompt chunks beside a decode batch; under load,
@@ -94,10 +98,13 @@ class _GraphSet:
                 self.graphs[size] = graph
         torch.cuda.synchronize()
 
-    def replay(self, size, staging: StagingBuffer, host: torch.Tensor,
-               rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, hidden) of the given output rows (a prefix is sliced, others gathered)."""
+    def replay(self, size, staging: StagingBuffer, host: torch.Tensor, rows: np.ndarray,
+               fed: FedIds | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, hidden) of the given output rows (a prefix is sliced, others gathered).
+        fed: (buffer indices, device values) of input ids the host does not know yet."""
         staging.copy_to(self.inputs[:len(host)], host)
+        if fed is not None:
+            write_rows(self.inputs, *fed)
         logits, hidden = self._launch(size)
         if np.array_equal(rows, np.arange(len(rows))):
             return logits[:len(rows)], hidden[:len(rows)]
@@ -186,10 +193,10 @@ class DecodeGraphs:
                 self.lora.slot_of_token = None
         return self.model.compute_logits(hidden), hidden
 
-    def run(self, arrays: StepArrays, staging: StagingBuffer,
-            sampled_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, arrays: StepArrays, staging: StagingBuffer, sampled_rows: np.ndarray,
+            fed: FedIds | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Replays the smallest graph holding the batch: (logits, hidden states) of the rows
-        sampled."""
+        sampled. fed: (token rows, device values) of ids still on the device."""
         batch = len(arrays.ids)
         size = self.size_for(batch)
         buffer = staging.take(self._buffer_len(size))
@@ -199,7 +206,7 @@ class DecodeGraphs:
         if self.lora is not None:
             parts[5][:batch] = arrays.lora_slots
             parts[5][batch:] = -1
-        return self.set.replay(size, staging, buffer, sampled_rows)
+        return self.set.replay(size, staging, buffer, sampled_rows, fed)
 
 
 @dataclass(frozen=True)
@@ -302,10 +309,11 @@ class VarlenGraphs:
                                        d + (cu_seqlens[1:] - 1).clamp(min=0)])]
         return self.model.compute_logits(hidden), hidden
 
-    def run(self, arrays: StepArrays, staging: StagingBuffer,
-            sampled_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, arrays: StepArrays, staging: StagingBuffer, sampled_rows: np.ndarray,
+            fed: FedIds | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, hidden states) of the step's sampled token rows (without every_row, each
-        is a sequence's last token, whose output row is the sequence's)."""
+        is a sequence's last token, whose output row is the sequence's). fed: (token rows,
+        device values) of ids still on the device."""
         shape, d = self._fit(arrays)
         num_tokens, batch = len(arrays.ids), len(arrays.context_lens)
         gap = shape.decode_rows - d  # padding decode rows before the prefill part
@@ -322,7 +330,9 @@ class VarlenGraphs:
         cu_seqlens[batch - d + 1:] = num_tokens - d
         rows = (token_rows[sampled_rows] if self.every_row else
                 seq_rows[np.searchsorted(arrays.cu_seqlens, sampled_rows, side="right") - 1])
-        return self.set.replay(shape, staging, buffer, rows)
+        if fed is not None:
+            fed = (token_rows[fed[0]], fed[1])  # the ids' places in the buffer
+        return self.set.replay(shape, staging, buffer, rows, fed)
 
 
 def leading_decode_rows(lens: np.ndarray) -> int:

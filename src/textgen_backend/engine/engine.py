@@ -1,4 +1,5 @@
-"""The token-level engine: model, KV cache, scheduler and the explicit step.
+"""The token-level engine: model, KV cache, scheduler and the explicit step (with async
+scheduling, the next step launched before the current one's tokens are read).
 
 `Engine` is synchronous and thread-free (tests drive it directly); `service.py` runs it on a
 background thread and turns its token outputs into text responses.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,11 +19,14 @@ from textgen_backend.adapters.catalog import AdapterCatalog
 from textgen_backend.adapters.residency import AdapterResidency
 from textgen_backend.adapters.shard_loads import ShardedAdapterLoads
 from textgen_backend.config import EngineConfig, EngineLimits, resolve_token_limits
+from textgen_backend.engine.async_steps import reads_history
 from textgen_backend.engine.block_manager import BlockManager
 from textgen_backend.engine.cuda_graphs import mixed_shapes, prefill_shapes, verify_shapes
 from textgen_backend.engine.faults import OOM_CAP_STEPS, FaultInjector, is_out_of_memory
 from textgen_backend.engine.loading import build_runner, check_shardable, choose_dtype
-from textgen_backend.engine.scheduler import Scheduler, SchedulerOutput, StepOutput
+from textgen_backend.engine.model_runner import LaunchedStep
+from textgen_backend.engine.scheduler import (AdvancedStep, Scheduler, SchedulerOutput,
+                                              StepOutput)
 from textgen_backend.engine.sequence import Sequence
 from textgen_backend.engine.stats import EngineStats, StepStats
 from textgen_backend.models.config import ModelConfig
@@ -101,6 +106,7 @@ class Engine:
         self.faults = FaultInjector.from_env()  # tests only (faults.py)
         self._good_steps = 0
         self._aborted: list[StepOutput] = []
+        self._ahead: _InFlight | None = None  # launched, not read yet (async scheduling)
         self.last_step: StepStats | None = None   # the latest step(), if it ran the model
         # What a newcomer waits for, part by part (the launcher logs tritonserver's total).
         logger.info("[textgen] loaded %s (%s, %s, %s kernels) in %.1fs; KV cache sizing, kernel "
@@ -300,7 +306,7 @@ class Engine:
             self.shards = None
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._aborted)
+        return self.scheduler.has_work() or bool(self._aborted) or self._ahead is not None
 
     def _recover(self, out: SchedulerOutput, exc: Exception) -> list[StepOutput]:
         """After a step that raised: out of memory, the newest half of its sequences wait to be
@@ -341,7 +347,7 @@ class Engine:
     def fail_all(self, error: str) -> list[StepOutput]:
         """Finishes every sequence with an error (a failed step, or shutdown)."""
         seq_ids = [s.seq_id for s in list(self.scheduler.waiting) + self.scheduler.running]
-        outputs, self._aborted = self._aborted, []
+        outputs, self._aborted, self._ahead = self._aborted, [], None
         for seq_id in seq_ids:
             self.scheduler.abort(seq_id, "error")
             outputs.append(StepOutput(seq_id, [], "error", error))
@@ -364,39 +370,85 @@ class Engine:
         return outputs
 
     def step(self) -> list[StepOutput]:
-        """Schedules and runs one prefill or decode step; returns every sequence's news."""
+        """Runs one step and returns every sequence's news. With async scheduling the step
+        after it is launched before its tokens are read (async_steps.py); the news is then of
+        the step launched by the call before."""
         outputs, self._aborted = self._aborted, []
         outputs += self._fail_loads()
-        started = time.perf_counter()
-        was_running = bool(self.scheduler.running)
-        self.last_step = None
-        scheduled = self.scheduler.schedule()
-        if scheduled is not None and self.speculator is not None:
-            self.speculator.attach(scheduled)
-        if scheduled is not None:
-            # Set before the forward, so that a step that raises is reported with its method.
-            self.last_step = step = StepStats(
-                scheduled.is_prefill, len(scheduled.seqs),
-                sum(scheduled.num_new_tokens) if scheduled.is_prefill
-                else len(scheduled.seqs), scheduled.is_prefill and was_running)
-            forward_started = time.perf_counter()
-            try:
-                if self.faults is not None:
-                    self.faults.before_forward()
-                result = self.runner.execute(scheduled)
-            except Exception as exc:  # the step's sequences pay, not the server (faults.py)
-                step.failure = "oom" if is_out_of_memory(exc) else "error"
-                step.total_seconds = time.perf_counter() - started
-                return outputs + self._recover(scheduled, exc)
-            forward_done = time.perf_counter()
-            self._lift_oom_cap()
-            news = self.scheduler.update(scheduled, result.sampled, result.prompt_logprobs,
-                                         result.next_drafts)
-            if self.speculator is not None:
-                self.speculator.record(scheduled, news)
-            outputs += news
-            step.forward_seconds = forward_done - forward_started
-            step.tokproc_seconds = time.perf_counter() - forward_done
-            step.total_seconds = time.perf_counter() - started
+        current, self._ahead = self._ahead or self._launch(), None
+        self.last_step = current.stats if current else None
+        if current is None:
+            return outputs
+        if current.error is None and self._can_look_ahead():
+            self._ahead = self._launch(current.launched)
+        outputs += self._read(current)
+        if self._ahead is not None and self._ahead.error is not None:
+            # launched ahead and failed: recovered once the step before it is read
+            failed, self._ahead = self._ahead, None
+            outputs += self._read(failed)
+            current.stats.failure = failed.stats.failure
         return outputs
 
+    def _can_look_ahead(self) -> bool:
+        """Whether the next step may be launched before the current one's tokens are read:
+        nothing it decides may depend on their values (async_steps.py)."""
+        return (self.config.async_scheduling and self.shards is None and self.speculator is None
+                and not any(reads_history(s) for s in self.scheduler.running)
+                and self.scheduler.decode_slots_fit())
+
+    def _launch(self, previous: LaunchedStep | None = None) -> _InFlight | None:
+        """Schedules a step and queues it on the device (an exception is kept for _read)."""
+        started = time.perf_counter()
+        was_running = bool(self.scheduler.running)
+        scheduled = self.scheduler.schedule()
+        if scheduled is None:
+            return None
+        if self.speculator is not None:
+            self.speculator.attach(scheduled)
+        flight = _InFlight(scheduled, StepStats(
+            scheduled.is_prefill, len(scheduled.seqs),
+            sum(scheduled.num_new_tokens) if scheduled.is_prefill else len(scheduled.seqs),
+            scheduled.is_prefill and was_running), started)
+        try:
+            if self.faults is not None:
+                self.faults.before_forward()
+            flight.launched = self.runner.launch(scheduled, previous)
+        except Exception as exc:  # the step's sequences pay, not the server (faults.py)
+            flight.error = exc
+            return flight
+        flight.advanced = self.scheduler.advance(scheduled)
+        return flight
+
+    def _read(self, flight: _InFlight) -> list[StepOutput]:
+        """Waits for a launched step's tokens and updates its sequences."""
+        step = flight.stats
+        if flight.error is None:
+            try:
+                result = flight.launched.result()
+            except Exception as exc:
+                flight.error = exc
+        if flight.error is not None:
+            step.failure = "oom" if is_out_of_memory(flight.error) else "error"
+            step.total_seconds = time.perf_counter() - flight.started
+            return self._recover(flight.scheduled, flight.error)
+        forward_done = time.perf_counter()
+        self._lift_oom_cap()
+        news = self.scheduler.resolve(flight.scheduled, flight.advanced, result.sampled,
+                                      result.prompt_logprobs, result.next_drafts)
+        if self.speculator is not None:
+            self.speculator.record(flight.scheduled, news)
+        step.forward_seconds = forward_done - flight.started
+        step.tokproc_seconds = time.perf_counter() - forward_done
+        step.total_seconds = time.perf_counter() - flight.started
+        return news
+
+
+@dataclass
+class _InFlight:
+    """A step launched and not read yet, or whose launch raised."""
+    scheduled: SchedulerOutput
+    stats: StepStats
+    started: float                    # time.perf_counter() when it was scheduled
+    launched: LaunchedStep | None = None
+    advanced: AdvancedStep | None = None
+    error: Exception | None = None

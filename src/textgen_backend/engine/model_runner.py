@@ -1,6 +1,7 @@
 """Runs one scheduled step on the model: builds the step's tensors, runs the forward pass over
-the paged KV cache (decode through a CUDA graph when one is captured), samples. The only host
-sync is reading the sampled tokens."""
+the paged KV cache (decode through a CUDA graph when one is captured), samples. launch() queues
+all of it on the device; the only host sync is reading the sampled tokens (LaunchedStep.result),
+which async scheduling defers until the next step is launched."""
 from __future__ import annotations
 
 import copy
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from textgen_backend.engine.async_steps import TokenFeed, write_rows
 from textgen_backend.engine.cuda_graphs import (DecodeGraphs, StagingBuffer, StepArrays,
                                                 VarlenGraphs, VarlenShape, fill_block_tables,
                                                 leading_decode_rows)
@@ -22,7 +24,8 @@ from textgen_backend.layers.lora import LoraBatch
 from textgen_backend.models.config import ModelConfig
 from textgen_backend.parallel.group import ShardGroup, collective
 from textgen_backend.sampling.grammar import GrammarMatchers
-from textgen_backend.sampling.sampler import SampleOutput, build_sampling_batch, sample
+from textgen_backend.sampling.sampler import (DeviceSample, SampleOutput, build_sampling_batch,
+                                              select)
 from textgen_backend.speculation.medusa import MedusaHeads
 from textgen_backend.engine.scheduler import SchedulerOutput, TokenLogprob
 from textgen_backend.engine.sequence import Sequence
@@ -69,6 +72,7 @@ class ForwardStep:
     soft_prompts: tuple[np.ndarray, torch.Tensor] | None  # virtual tokens' rows, embeddings
     detail_spans: list[tuple[int, int]]  # hidden rows [first, last) prompt details need
     keep_hidden_rows: bool            # Medusa drafts from the sampled rows' hidden states
+    fed_rows: np.ndarray | None = None  # token rows whose ids come from the device (rank 0)
 
 
 @dataclass
@@ -83,6 +87,21 @@ class StepResult:
     sampled: SampleOutput
     prompt_logprobs: dict[int, list[TokenLogprob | None]] | None  # by sequence id
     next_drafts: list[list[int]] | None = None  # Medusa's drafts at each sampled row
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device; result() waits for its tokens."""
+    sample: DeviceSample | None       # None: prompt chunks only, nothing sampled
+    prompt_logprobs: dict[int, list[TokenLogprob | None]] | None
+    sampled_row_of: dict[int, int]    # sequence id -> its row among the sampled tokens
+    next_drafts: torch.Tensor | None = None
+
+    def result(self) -> StepResult:
+        if self.sample is None:
+            return StepResult(SampleOutput([]), self.prompt_logprobs)
+        return StepResult(self.sample.fetch(), self.prompt_logprobs,
+                          None if self.next_drafts is None else self.next_drafts.tolist())
 
 
 class ModelRunner:
@@ -109,6 +128,7 @@ class ModelRunner:
         self.grammars: GrammarMatchers | None = None    # set when grammars are served
         self.medusa: MedusaHeads | None = None          # set when speculating with Medusa
         self._staging = StagingBuffer(device)
+        self._fed_tokens: torch.Tensor | None = None  # launch()'s feed, for forward()
         self.shards: ShardGroup | None = None           # rank 0's, when tensor-parallel
 
     def load_adapter(self, load_id: int, ref, slot: int) -> None:
@@ -152,27 +172,39 @@ class ModelRunner:
                     self.model, decode_batch_sizes, max_blocks_per_seq, self.device, pool,
                     self.lora_batch)
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
-        """Runs the step; samples for the sequences it completes (out.completes()), at each of
-        their draft positions too."""
+        """Runs the step and waits for its tokens."""
+        return self.launch(out).result()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queues the step; samples for the sequences it completes (out.completes()), at each of
+        their draft positions too. previous: the step launched before, whose tokens are still
+        pending on the host (they go from its device tensor into this step's inputs)."""
         completes = out.completes()
         sampled_seqs = [s for s, done in zip(out.seqs, completes) if done]
         sampled_drafts = [d for d, done in zip(out.drafts, completes) if done]
         varlen = out.is_prefill or out.draft_ids is not None
         arrays = (self._prefill_arrays(out.seqs, out.num_new_tokens, out.drafts) if varlen
                   else self._decode_arrays(out.seqs))
+        feed = (TokenFeed.of(arrays.ids, arrays.cu_seqlens, out.seqs, previous.sampled_row_of)
+                if previous is not None else None)
         details = self._detail_spans(out, arrays.cu_seqlens) if out.is_prefill else []
         graphs = self._graphs_for(out, arrays)
-        forward = self.forward(ForwardStep(
-            arrays, varlen, graphs,
-            _sampled_rows(arrays.cu_seqlens, completes, out.drafts),
-            self._soft_prompts(out, arrays.cu_seqlens),
-            [(first, end - 1) for _, first, end in details], self.medusa is not None))
+        self._fed_tokens = feed.values(previous.sample.tokens) if feed else None
+        try:
+            forward = self.forward(ForwardStep(
+                arrays, varlen, graphs,
+                _sampled_rows(arrays.cu_seqlens, completes, out.drafts),
+                self._soft_prompts(out, arrays.cu_seqlens),
+                [(first, end - 1) for _, first, end in details], self.medusa is not None,
+                feed.rows if feed else None))
+        finally:
+            self._fed_tokens = None
         prompt_logprobs = (self._prompt_logprobs(details, forward.detail_logits, arrays.ids)
                            if details else None)
         if not sampled_seqs:  # prefill chunks only
-            return StepResult(SampleOutput([]), prompt_logprobs)
+            return LaunchedStep(None, prompt_logprobs, {})
         logits = forward.logits
         positions = _draft_positions(sampled_seqs, sampled_drafts)
         if self.grammars is not None:
@@ -183,18 +215,21 @@ class ModelRunner:
         sampling = build_sampling_batch(positions, self.eos_token_ids,
                                         self.model_config.vocab_size, self.device,
                                         self.watermark_gamma, self.watermark_delta)
-        next_drafts = (self.medusa(forward.hidden_rows).tolist() if self.medusa is not None
-                       else None)
-        return StepResult(sample(logits, sampling), prompt_logprobs, next_drafts)
+        selected = select(logits, sampling)
+        selected.start_copy()
+        return LaunchedStep(selected, prompt_logprobs,
+                            {s.seq_id: row for row, s in enumerate(sampled_seqs)},
+                            self.medusa(forward.hidden_rows) if self.medusa is not None else None)
 
     @collective
     @torch.inference_mode()
     def forward(self, step: ForwardStep) -> ForwardOutput:
         """The step's forward pass (a CUDA graph's replay, or eager), up to the logits of the
         rows sampled and those prompt details need; every tensor-parallel rank runs it."""
+        fed = None if step.fed_rows is None else (step.fed_rows, self._fed_tokens)
         if step.graphs is not None:
             logits, hidden_rows = getattr(self, step.graphs).run(step.arrays, self._staging,
-                                                                 step.sampled_rows)
+                                                                 step.sampled_rows, fed)
             return ForwardOutput(logits, hidden_rows if step.keep_hidden_rows else None)
         a = step.arrays
         inputs = StepInputs(a.ids, a.positions, a.slots, a.context_lens, a.cu_seqlens,
@@ -202,6 +237,8 @@ class ModelRunner:
                             leading_decode_rows(np.diff(a.cu_seqlens)) if step.varlen else 0)
         ids, positions, slots, context_lens, cu_seqlens, tables = inputs.to(self.device,
                                                                             self._staging)
+        if fed is not None:
+            write_rows(ids, *fed)
         meta = AttentionMetadata(is_decode=not step.varlen, slot_mapping=slots,
                                  context_lens=context_lens, block_tables=tables,
                                  cu_seqlens_q=cu_seqlens, max_seqlen_q=inputs.max_seqlen_q,
@@ -211,13 +248,13 @@ class ModelRunner:
             rows, vectors = step.soft_prompts
             soft_prompts = (torch.from_numpy(rows).to(self.device), vectors.to(self.device))
         if a.lora_slots is not None:
-            self.lora_batch.slot_of_token = torch.from_numpy(a.lora_slots).to(self.device)
+            self.lora_batch.slot_of_token = _to_device(a.lora_slots, self.device)
         try:
             hidden = self.model(ids, positions, meta, soft_prompts)
         finally:
             if self.lora_batch is not None:
                 self.lora_batch.slot_of_token = None
-        hidden_rows = hidden[torch.from_numpy(step.sampled_rows).to(self.device)]
+        hidden_rows = hidden[_to_device(step.sampled_rows, self.device)]
         return ForwardOutput(self.model.compute_logits(hidden_rows),
                              hidden_rows if step.keep_hidden_rows else None,
                              [self.model.compute_logits(hidden[first:last])
@@ -328,6 +365,12 @@ class ModelRunner:
     def _slots(self, block_ids: list[int], num_tokens: int) -> np.ndarray:
         bs = self.block_size
         return (np.asarray(block_ids)[:, None] * bs + np.arange(bs)).reshape(-1)[:num_tokens]
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array on the device without waiting for the device's queued work (a
+    blocking copy would wait for a step launched before this one)."""
+    return torch.from_numpy(array).to(device, non_blocking=True)
 
 
 def _sampled_rows(cu_seqlens: np.ndarray, completes: list[bool],

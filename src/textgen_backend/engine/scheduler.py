@@ -13,6 +13,7 @@ sequence holds its adapter's slot, and keeps its soft prompt's embeddings to its
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -24,7 +25,7 @@ from textgen_backend.prompt_tuning.cache import PromptCache
 from textgen_backend.sampling.grammar import GrammarMatchers
 from textgen_backend.config import EngineLimits
 from textgen_backend.sampling.sampler import SampleOutput
-from textgen_backend.engine.sequence import Sequence, SequenceStatus
+from textgen_backend.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 
 
 @dataclass
@@ -38,6 +39,7 @@ class SchedulerOutput:
     num_new_tokens: list[int] | None = None
     # speculative drafts per sequence, counted in num_new_tokens (speculation/speculator.py)
     draft_ids: list[list[int]] | None = None
+    _completes: list[bool] | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
         if self.num_new_tokens is None:
@@ -48,9 +50,20 @@ class SchedulerOutput:
         return self.draft_ids or [[] for _ in self.seqs]
 
     def completes(self) -> list[bool]:
-        """Which sequences sample a token in this step (one per draft too)."""
-        return [s.num_computed_tokens + n - len(d) == s.num_tokens
-                for s, n, d in zip(self.seqs, self.num_new_tokens, self.drafts)]
+        """Which sequences sample a token in this step (one per draft too); fixed once asked
+        (drafts are attached before), so that it still holds once the step is advanced."""
+        if self._completes is None:
+            self._completes = [s.num_computed_tokens + n - len(d) == s.num_tokens
+                               for s, n, d in zip(self.seqs, self.num_new_tokens, self.drafts)]
+        return self._completes
+
+
+@dataclass
+class AdvancedStep:
+    """A launched step as Scheduler.advance left it: which sequences sample, and where each
+    one's pending token sits in its output_ids (-1: none)."""
+    completes: list[bool]
+    pending: list[int]
 
 
 @dataclass
@@ -117,33 +130,62 @@ class Scheduler:
                 return SchedulerOutput(admitted, is_prefill=True)
         if self.running:
             self._reserve_decode_slots()
+        decoding = [s for s in self.running if not s.is_ending]
+        if decoding:
             self.steps_since_prefill += 1
-            return SchedulerOutput(list(self.running), is_prefill=False)
+            return SchedulerOutput(decoding, is_prefill=False)
         return None
 
     def update(self, out: SchedulerOutput, sampled: SampleOutput,
                prompt_logprobs: dict[int, list[TokenLogprob | None]] | None = None,
                next_drafts: list[list[int]] | None = None) -> list[StepOutput]:
-        """Appends each completed sequence's sampled tokens and finishes those that are done.
+        """advance() then resolve(): a step whose tokens were read before the next was
+        scheduled."""
+        return self.resolve(out, self.advance(out), sampled, prompt_logprobs, next_drafts)
+
+    def advance(self, out: SchedulerOutput) -> AdvancedStep:
+        """Counts a launched step's tokens as computed, and gives each sequence it completes a
+        PENDING_TOKEN for the token it samples, so that the next step can be scheduled before
+        that token is read (engine/async_steps.py)."""
+        completes = out.completes()
+        pending = []
+        for seq, count, done in zip(out.seqs, out.num_new_tokens, completes):
+            seq.num_computed_tokens += count
+            pending.append(len(seq.output_ids) if done else -1)
+            if done:
+                seq.output_ids.append(PENDING_TOKEN)
+        return AdvancedStep(completes, pending)
+
+    def resolve(self, out: SchedulerOutput, advanced: AdvancedStep, sampled: SampleOutput,
+                prompt_logprobs: dict[int, list[TokenLogprob | None]] | None = None,
+                next_drafts: list[list[int]] | None = None) -> list[StepOutput]:
+        """Puts each completed sequence's sampled tokens in place of its pending one and
+        finishes those that are done; sequences finished meanwhile (aborted, or by the step
+        before when this one was launched ahead) are skipped.
         sampled has one row per sequence that completes, or 1 + its drafts rows for one with
         drafts: the drafts equal to the tokens sampled before them are kept, then the first
         sampled token after them. next_drafts: drafts proposed at each sampled row (Medusa)."""
         outputs = []
-        completes = out.completes()
-        for seq, count in zip(out.seqs, out.num_new_tokens):
-            seq.num_computed_tokens += count
-        for seq, done in zip(out.seqs, completes):
-            if not done:  # a prefill chunk: its prompt goes on in a later step
-                self.block_manager.commit(seq)
+        for seq, done in zip(out.seqs, advanced.completes):
+            if not done and seq.status is SequenceStatus.RUNNING:
+                self.block_manager.commit(seq)  # a prefill chunk: its prompt goes on later
         row = 0
-        for seq, drafts, done in zip(out.seqs, out.drafts, completes):
+        for seq, drafts, done, index in zip(out.seqs, out.drafts, advanced.completes,
+                                            advanced.pending):
             if not done:
                 continue
             first_row, row = row, row + 1 + len(drafts)
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            # a step launched ahead of this one's reading appended its own pending token
+            later = seq.output_ids[index + 1:]
+            del seq.output_ids[index:]
             output = self._accept(seq, drafts, sampled, range(first_row, row))
             if output.finish_reason == "error":
                 outputs.append(output)
                 continue
+            if not output.finish_reason:
+                seq.output_ids += later
             if drafts:  # the KV of rejected drafts is not the sequence's
                 seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
             if next_drafts is not None:
@@ -156,11 +198,20 @@ class Scheduler:
                 self.block_manager.trim(seq)  # frees the blocks that only rejected drafts used
             if prompt_logprobs and seq.seq_id in prompt_logprobs:
                 output.prompt_logprobs = prompt_logprobs[seq.seq_id]
-            if len(seq.output_ids) == len(output.new_token_ids):  # its first tokens
+            if index == 0:  # its first tokens
                 output.scheduled_at = seq.scheduled_at
                 output.num_cached_tokens = seq.num_cached_tokens
             outputs.append(output)
         return outputs
+
+    def decode_slots_fit(self) -> bool:
+        """Whether the next step can give every running sequence a slot for its next token
+        without preempting one (a step launched ahead must not preempt: the sequences it would
+        send back to the queue still wait for their pending token)."""
+        bs = self.block_manager.block_size
+        needed = sum(len(s.block_ids) * bs < s.num_tokens
+                     for s in self.running if not s.is_ending)
+        return needed <= self.block_manager.num_free_blocks
 
     def _accept(self, seq: Sequence, drafts: list[int], sampled: SampleOutput,
                 rows: range) -> StepOutput:
@@ -224,7 +275,7 @@ class Scheduler:
         max_waiting_tokens apply without chunked prefill)."""
         if self.running:
             self._reserve_decode_slots()
-        seqs = [s for s in self.running if s.is_decoding]
+        seqs = [s for s in self.running if s.is_decoding and not s.is_ending]
         counts = [1] * len(seqs)
         budget = self.limits.max_batch_prefill_tokens
         for seq in [s for s in self.running if not s.is_decoding]:
@@ -313,7 +364,7 @@ class Scheduler:
         bm = self.block_manager
         while pending:
             seq = pending.popleft()
-            if len(seq.block_ids) * bm.block_size >= seq.num_tokens:  # room in its last block
+            if seq.is_ending or len(seq.block_ids) * bm.block_size >= seq.num_tokens:
                 kept.append(seq)
                 continue
             while not bm.can_append(seq):

@@ -12,6 +12,11 @@ from textgen_backend.sampling.grammar import Grammar
 from textgen_backend.sampling.params import DetailsParams, SamplingParams, StoppingParams
 
 
+# A sampled token the host has not read yet (async scheduling: the next step is launched before
+# the current one's tokens are read, taking them from the device; engine/async_steps.py).
+PENDING_TOKEN = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -24,7 +29,7 @@ class Sequence:
     prompt_ids: list[int]
     sampling: SamplingParams
     stopping: StoppingParams
-    output_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)  # the newest may be PENDING_TOKEN
     block_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
@@ -62,6 +67,11 @@ class Sequence:
     def is_decoding(self) -> bool:
         """All its tokens but the newest sampled one are in the KV cache."""
         return bool(self.output_ids) and self.num_computed_tokens == self.num_tokens - 1
+
+    @property
+    def is_ending(self) -> bool:
+        """Its pending token is its last (max_tokens): no step past it is scheduled."""
+        return len(self.output_ids) >= self.stopping.max_tokens
 
     @property
     def last_token(self) -> int:

@@ -186,8 +186,44 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits
 
 
+@dataclass
+class DeviceSample:
+    """A step's chosen tokens and details still on the device: start_copy() queues their copy
+    to the host behind the step's kernels, fetch() waits for it (the step's only host sync)."""
+    tokens: torch.Tensor               # [B] int64
+    logprobs: torch.Tensor | None = None
+    ranks: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+    _host: list | None = None
+    _copied: torch.cuda.Event | None = None
+
+    def _parts(self) -> list[torch.Tensor | None]:
+        return [self.tokens, self.logprobs, self.ranks, self.top_ids, self.top_logprobs]
+
+    def start_copy(self) -> None:
+        if self.tokens.device.type != "cuda":
+            return
+        # non_blocking device-to-host copies land in pinned memory, without a sync
+        self._host = [None if t is None else t.to("cpu", non_blocking=True)
+                      for t in self._parts()]
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    def fetch(self) -> SampleOutput:
+        if self._copied is not None:
+            self._copied.synchronize()
+        parts = [None if t is None else t.tolist() for t in (self._host or self._parts())]
+        return SampleOutput(*parts)
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
     """logits [B, V] float32 (the model's) -> chosen tokens and the details asked for."""
+    return select(logits, batch).fetch()
+
+
+def select(logits: torch.Tensor, batch: SamplingBatch) -> DeviceSample:
+    """sample(), its results left on the device."""
     raw = logits
     logits = process_logits(logits, batch)
     tokens = logits.argmax(dim=-1)
@@ -205,14 +241,14 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
         exponential = -torch.log(_uniform(r, logits.shape[1], logits.device))
         tokens = torch.where(r.do_sample, (probs / exponential).argmax(dim=-1), tokens)
     if not batch.logprobs:
-        return SampleOutput(tokens.tolist())
+        return DeviceSample(tokens)
     log_probs = torch.log_softmax(raw, dim=-1)
     chosen = log_probs.gather(1, tokens[:, None])[:, 0]
     ranks = (log_probs > chosen[:, None]).sum(dim=-1) + 1
-    out = SampleOutput(tokens.tolist(), chosen.tolist(), ranks.tolist())
+    out = DeviceSample(tokens, chosen, ranks)
     if batch.top_n:
         top = log_probs.topk(batch.top_n, dim=-1)
-        out.top_ids, out.top_logprobs = top.indices.tolist(), top.values.tolist()
+        out.top_ids, out.top_logprobs = top.indices, top.values
     return out
 
 
