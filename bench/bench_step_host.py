@@ -4,6 +4,7 @@ Compares two source trees, e.g. a commit's worktree against the working tree:
 
     git worktree add /tmp/old <commit>
     python bench/bench_step_host.py /tmp/old .      (each tree's src/ and tests/ are imported)
+    python bench/bench_step_host.py . .:no-async    (a tree with --no-async-scheduling)
 
 Each tree runs in its own process, twice, alternating; medians of 150 decode steps.
 """
@@ -22,7 +23,7 @@ from common import print_table
 MODEL = Path("/tmp/bench-step-host-model")
 
 
-def measure(root: Path) -> dict[int, float]:
+def measure(root: Path, no_async: bool) -> dict[int, float]:
     sys.path[:0] = [str(root / "src"), str(root / "tests")]
     import torch
 
@@ -37,7 +38,8 @@ def measure(root: Path) -> dict[int, float]:
         build_tiny_model(MODEL, "llama", hidden_size=32, num_layers=1, num_heads=2,
                          num_kv_heads=1)
     engine = Engine(EngineConfig(model_id=str(MODEL), max_lora_rank=0, max_total_tokens=256,
-                                 max_batch_total_tokens=20000), MODEL)
+                                 max_batch_total_tokens=20000,
+                                 **({"async_scheduling": False} if no_async else {})), MODEL)
     result = {}
     for batch in (1, 32):
         seqs = [Sequence(batch * 100 + i, [5, 6, 7, 8] * 4, SamplingParams(),
@@ -62,11 +64,13 @@ def measure(root: Path) -> dict[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("trees", nargs="*", type=Path)
-    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("trees", nargs="*", help="source trees; TREE:no-async runs that tree "
+                                                 "with --no-async-scheduling")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure.resolve())))
+        tree, _, mode = args.measure.partition(":")
+        print(json.dumps(measure(Path(tree).resolve(), mode == "no-async")))
         return
     rows = []
     for _ in range(2):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call of the wave-2 benches, from the repository root on the GPU machine:
-#   bash bench/device_run.sh lora grammar prefix mixed profile speculative api quant
+#   bash bench/device_run.sh decode throughput gpu-tests lora grammar prefix mixed profile \
+#                            speculative api quant
 # and on a multi-GPU kind (nvidia-h200-x4 or -x8; tensor parallelism, issue 22):
 #   bash bench/device_run.sh tp-parity tp8b      then      bash bench/device_run.sh tp70b
 # Each bench runs under its own time limit (a call has 600 s), its whole output in $OUT/<name>.txt
@@ -19,6 +20,9 @@ run() {
 }
 for bench in "$@"; do
   case $bench in
+    decode) run decode 240 bench_decode.py --skip-hf --batches 1,64,128 ;;
+    throughput) run throughput 400 bench_throughput.py --skip hf,triton ;;
+    gpu-tests) run gpu-tests 560 -m pytest -q -p no:cacheprovider ../tests/gpu/test_gpu_parity.py ;;
     lora) run lora 340 bench_lora.py ;;
     grammar) run grammar 150 bench_grammar.py --tokenizer ../.carry/demo-tokenizer ;;
     prefix) run prefix 540 bench_prefix.py ;;

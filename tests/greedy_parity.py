@@ -8,19 +8,19 @@ from textgen_backend.engine import model_runner
 def record_top5(monkeypatch) -> dict[int, list[list[int]]]:
     """{seq_id: top-5 ids at each sampled step}, filled as the engine runs."""
     recorded: dict[int, list[list[int]]] = {}
-    real_sample, real_execute = model_runner.sample, model_runner.ModelRunner.execute
+    real_select, real_launch = model_runner.select, model_runner.ModelRunner.launch
 
-    def recording_sample(logits, batch, *args, **kwargs):
-        for seq, row in zip(recording_sample.seqs, logits.topk(5, dim=-1).indices.tolist()):
+    def recording_select(logits, batch, *args, **kwargs):
+        for seq, row in zip(recording_select.seqs, logits.topk(5, dim=-1).indices.tolist()):
             recorded.setdefault(seq.seq_id, []).append(row)
-        return real_sample(logits, batch, *args, **kwargs)
+        return real_select(logits, batch, *args, **kwargs)
 
-    def execute(self, out):
-        recording_sample.seqs = out.seqs
-        return real_execute(self, out)
+    def launch(self, out, previous=None):
+        recording_select.seqs = [s for s, done in zip(out.seqs, out.completes()) if done]
+        return real_launch(self, out, previous)
 
-    monkeypatch.setattr(model_runner, "sample", recording_sample)
-    monkeypatch.setattr(model_runner.ModelRunner, "execute", execute)
+    monkeypatch.setattr(model_runner, "select", recording_select)
+    monkeypatch.setattr(model_runner.ModelRunner, "launch", launch)
     return recorded
 
 

@@ -7,7 +7,7 @@ differently, so at the first mismatch each side's token must be among the other'
 import pytest
 import torch
 
-from textgen_backend.engine import cuda_graphs
+from textgen_backend.engine import async_steps, cuda_graphs
 from textgen_backend.config import EngineConfig
 from textgen_backend.engine.engine import Engine
 from textgen_backend.sampling.params import SamplingParams, StoppingParams
@@ -120,8 +120,13 @@ def _hf_greedy(model_dir, prompts: list[list[int]], tokens: int) -> list[list[in
 def test_float32_prefill_and_mixed_graphs_are_token_exact(model_dir, monkeypatch, chunk):
     """Prompts arriving a few at a time, while others decode, run through the prefill and
     mixed CUDA graphs (decode rows beside prompts or their chunks; padding decode rows, tokens
-    and sequences around them) and stay token-exact."""
+    and sequences around them) and stay token-exact; with async scheduling (the default) steps
+    are launched ahead, their newest tokens fed from the device."""
     replays = _record_varlen_replays(monkeypatch)
+    fed = []
+    values = async_steps.TokenFeed.values
+    monkeypatch.setattr(async_steps.TokenFeed, "values",
+                        lambda self, sampled: fed.append(len(self.rows)) or values(self, sampled))
     engine = Engine(EngineConfig(model_id=str(model_dir), dtype="float32",
                                  max_batch_total_tokens=50_000,
                                  max_batch_prefill_tokens=chunk), model_dir)
@@ -143,6 +148,7 @@ def test_float32_prefill_and_mixed_graphs_are_token_exact(model_dir, monkeypatch
         engine.step()
     assert len(replays) >= len(waves), f"varlen graphs replayed {len(replays)} times"
     assert any(shape.decode_rows for shape in replays), "no mixed graph replayed"
+    assert len(fed) > NEW_TOKENS, "steps launched ahead"
     del engine
     expected = _hf_greedy(model_dir, [s.prompt_ids for s in seqs], NEW_TOKENS)
     for s, theirs in zip(seqs, expected):

@@ -56,6 +56,8 @@ def _workload() -> list[tuple[int, Sequence, int | None]]:
             sampling = SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5)
         prompt = (system if i % 3 == 0 else []) + [rng.randrange(2, 400)
                                                    for _ in range(rng.randrange(3, 40))]
+        if i in (9, 17):  # prefilled in one step beside decode rows whose tokens are pending
+            prompt = prompt[-6:]
         stopping = StoppingParams(max_tokens=rng.randrange(4, 30), ignore_eos=i % 4 == 0,
                                   min_tokens=3 if i % 5 == 2 else 0)
         seq = Sequence(i, prompt, sampling, stopping, details=details,
@@ -154,6 +156,25 @@ def test_penalties_keep_steps_one_at_a_time(model_dir, monkeypatch):
     while engine.has_work():
         engine.step()
     assert any(launched_ahead)
+
+
+@pytest.mark.parametrize("fault", ["raise@9", "raise@20", "raise@33"])
+def test_a_failed_step_launched_ahead_fails_only_its_live_sequences(model_dir, monkeypatch,
+                                                                    fault):
+    """Its sequences that the step before it finished (EOS) keep their final output; the
+    others get the error; the rest of the workload is unaffected."""
+    eos = _eos(model_dir)
+    expected = _run(_engine(model_dir, False, eos), _workload())
+    monkeypatch.setenv("TEXTGEN_FAULT_INJECTION", fault)
+    got = _run(_engine(model_dir, True, eos), _workload())
+    failed = {i for i, r in got.items() if r["finish"] == "error"}
+    assert failed
+    for seq_id, want in expected.items():
+        have = got[seq_id]
+        if seq_id in failed:
+            assert have["tokens"] == want["tokens"][:len(have["tokens"])]
+        else:
+            assert (have["tokens"], have["finish"]) == (want["tokens"], want["finish"])
 
 
 @pytest.mark.parametrize("fault", ["oom@3", "raise@4"])

@@ -328,8 +328,9 @@ class Engine:
                      exc_info=exc)
         outputs = []
         for seq in out.seqs:
-            self.scheduler.abort(seq.seq_id, "error")
-            outputs.append(StepOutput(seq.seq_id, [], "error", error))
+            # (a step launched ahead may hold sequences that the step before it finished)
+            if self.scheduler.abort(seq.seq_id, "error") is not None:
+                outputs.append(StepOutput(seq.seq_id, [], "error", error))
         return outputs
 
     def _lift_oom_cap(self) -> None:

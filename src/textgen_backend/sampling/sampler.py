@@ -152,6 +152,9 @@ def _build_penalties(seqs: list[Sequence], vocab_size: int,
         ids = torch.full((batch, width), vocab_size, dtype=torch.int64)  # vocab_size = padding
         for row, values in enumerate(lists):
             ids[row, :len(values)] = torch.tensor(values, dtype=torch.int64)
+        # a token still pending (async scheduling) counts as padding: only rows without
+        # penalties have one (engine/async_steps.py), and their counts change nothing
+        ids[ids < 0] = vocab_size
         return ids.to(device, non_blocking=True)
 
     def counts(lists):
