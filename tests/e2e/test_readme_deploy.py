@@ -109,5 +109,9 @@ def test_readme_deployment_commands_serve_the_demo_model(demo_model_dir, tmp_pat
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(timeout=90) == 0, log_path.read_text()[-3000:]
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:  # a failed assertion: stop tritonserver too, not only the
+            os.killpg(process.pid, signal.SIGINT)  # command (a SIGKILL would orphan it on :8001)
+            try:
+                process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
