@@ -207,8 +207,8 @@ class DeviceSample:
     def start_copy(self) -> None:
         if self.tokens.device.type != "cuda":
             return
-        # non_blocking device-to-host copies land in pinned memory, without a sync
-        self._host = [None if t is None else t.to("cpu", non_blocking=True)
+        # into pinned memory: a device-to-host copy to pageable memory would wait for the step
+        self._host = [None if t is None else _pinned_like(t).copy_(t, non_blocking=True)
                       for t in self._parts()]
         self._copied = torch.cuda.Event()
         self._copied.record()
@@ -218,6 +218,10 @@ class DeviceSample:
             self._copied.synchronize()
         parts = [None if t is None else t.tolist() for t in (self._host or self._parts())]
         return SampleOutput(*parts)
+
+
+def _pinned_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
