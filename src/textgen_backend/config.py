@@ -138,8 +138,8 @@ class EngineConfig:
                                   "one before, so that the host's work per step (scheduling, "
                                   "reading tokens, sending outputs) hides behind the GPU's "
                                   "(vLLM's --async-scheduling); it applies while no running "
-                                  "request uses penalties, a watermark, bad words of several "
-                                  "tokens or a grammar, without --speculate and with one "
+                                  "request uses a watermark, bad words of several tokens or a "
+                                  "grammar, without --speculate and with one "
                                   "shard. --no-async-scheduling waits for each step's tokens "
                                   "before scheduling the next.", default=True)
     prefix_caching: bool = flag("Reuse the KV of prompt prefixes that earlier requests computed "

@@ -57,9 +57,22 @@ def write_rows(ids: torch.Tensor, rows: np.ndarray, values: torch.Tensor) -> Non
         ids[torch.from_numpy(rows).to(ids.device, non_blocking=True)] = values
 
 
+def count_pending(output_counts: torch.Tensor, seqs: list[Sequence], sampled: torch.Tensor,
+                  sampled_row_of: dict[int, int]) -> None:
+    """Adds each row's pending token, on the device, to the penalties' output counts (built on
+    the host, where a pending token counts nowhere)."""
+    rows = [r for r, s in enumerate(seqs) if s.output_ids and s.output_ids[-1] == PENDING_TOKEN]
+    if not rows:
+        return
+    sources = torch.tensor([sampled_row_of[seqs[r].seq_id] for r in rows])
+    tokens = sampled[sources.to(sampled.device, non_blocking=True)]
+    output_counts[torch.tensor(rows).to(output_counts.device, non_blocking=True), tokens] += 1
+
+
 def reads_history(seq: Sequence) -> bool:
-    """Whether sampling seq's next token reads its earlier tokens' values (penalties, bad words
-    after a prefix, the watermark's previous token, a grammar's state), not only their count."""
+    """Whether sampling seq's next token reads its earlier tokens' values on the host (bad words
+    after a prefix, the watermark's previous token, a grammar's state), not only their count
+    (penalties count a pending token on the device: count_pending)."""
     p = seq.sampling
-    return (p.has_penalties or p.watermark or seq.matcher is not None
+    return (p.watermark or seq.matcher is not None
             or any(len(word) > 1 for word in p.bad_words_ids))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from textgen_backend.engine.async_steps import TokenFeed, write_rows
+from textgen_backend.engine.async_steps import TokenFeed, count_pending, write_rows
 from textgen_backend.engine.cuda_graphs import (DecodeGraphs, StagingBuffer, StepArrays,
                                                 VarlenGraphs, VarlenShape, fill_block_tables,
                                                 leading_decode_rows)
@@ -215,6 +215,9 @@ class ModelRunner:
         sampling = build_sampling_batch(positions, self.eos_token_ids,
                                         self.model_config.vocab_size, self.device,
                                         self.watermark_gamma, self.watermark_delta)
+        if feed is not None and sampling.penalties is not None:
+            count_pending(sampling.penalties.output_counts, positions, previous.sample.tokens,
+                          previous.sampled_row_of)
         selected = select(logits, sampling)
         selected.start_copy()
         return LaunchedStep(selected, prompt_logprobs,

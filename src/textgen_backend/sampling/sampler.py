@@ -152,8 +152,8 @@ def _build_penalties(seqs: list[Sequence], vocab_size: int,
         ids = torch.full((batch, width), vocab_size, dtype=torch.int64)  # vocab_size = padding
         for row, values in enumerate(lists):
             ids[row, :len(values)] = torch.tensor(values, dtype=torch.int64)
-        # a token still pending (async scheduling) counts as padding: only rows without
-        # penalties have one (engine/async_steps.py), and their counts change nothing
+        # a token still pending (async scheduling) counts as padding here; the engine adds it
+        # on the device (engine/async_steps.py count_pending)
         ids[ids < 0] = vocab_size
         return ids.to(device, non_blocking=True)
 
