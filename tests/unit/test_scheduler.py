@@ -34,7 +34,8 @@ def seq(seq_id, prompt_len, max_tokens=50):
 def run_step(scheduler, token=7):
     out = scheduler.schedule()
     assert out is not None
-    return out, scheduler.update(out, SampleOutput([token] * len(out.seqs)))
+    sampled = SampleOutput([token] * len(out.seqs))  # read before the next step is scheduled
+    return out, scheduler.resolve(out, scheduler.advance(out), sampled)
 
 
 def test_block_manager_allocates_ceil_blocks_and_appends_at_block_boundaries():

@@ -1,8 +1,8 @@
 """The token-level engine: model, KV cache, scheduler and the explicit step (with async
 scheduling, the next step launched before the current one's tokens are read).
 
-`Engine` is synchronous and thread-free (tests drive it directly); `service.py` runs it on a
-background thread and turns its token outputs into text responses.
+`Engine` is thread-free (tests drive it directly); `serving/engine_process.py` runs its step
+loop in a process of its own, and `serving/service.py` turns its token outputs into responses.
 """
 from __future__ import annotations
 

@@ -136,13 +136,6 @@ class Scheduler:
             return SchedulerOutput(decoding, is_prefill=False)
         return None
 
-    def update(self, out: SchedulerOutput, sampled: SampleOutput,
-               prompt_logprobs: dict[int, list[TokenLogprob | None]] | None = None,
-               next_drafts: list[list[int]] | None = None) -> list[StepOutput]:
-        """advance() then resolve(): a step whose tokens were read before the next was
-        scheduled."""
-        return self.resolve(out, self.advance(out), sampled, prompt_logprobs, next_drafts)
-
     def advance(self, out: SchedulerOutput) -> AdvancedStep:
         """Counts a launched step's tokens as computed, and gives each sequence it completes a
         PENDING_TOKEN for the token it samples, so that the next step can be scheduled before

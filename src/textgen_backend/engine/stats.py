@@ -44,6 +44,6 @@ class StepStats:
     num_tokens: int                   # tokens computed: whole prompts in a prefill
     joined_running_batch: bool        # a prefill while other sequences were running
     forward_seconds: float = 0.0      # scheduled to tokens read (a step launched ahead within)
-    tokproc_seconds: float = 0.0      # scheduler.update: appending tokens, finishing
+    tokproc_seconds: float = 0.0      # scheduler.resolve: appending tokens, finishing
     total_seconds: float = 0.0
     failure: str | None = None        # "oom" or "error": the step raised (engine/faults.py)
