@@ -7,7 +7,8 @@ A step launched ahead takes the tokens that its sequences sampled in the step be
 device: on the host such a token is PENDING_TOKEN until that step is read (Scheduler.advance,
 then Scheduler.resolve). Sequences that the earlier step finishes (EOS) run one step for
 nothing; those that reach max_tokens are not scheduled again. A step is launched ahead only when
-nothing it decides depends on the pending tokens' values: see `can_look_ahead`.
+nothing it decides depends on the pending tokens' values on the host: see
+`Engine._can_look_ahead` and `reads_history`.
 """
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ import numpy as np
 import torch
 
 from textgen_backend.engine.sequence import PENDING_TOKEN, Sequence
+
+
+def to_device(values: np.ndarray | list[int], device: torch.device) -> torch.Tensor:
+    """Small host integers on the device without waiting for the device's queued work (a
+    blocking copy would wait for the step launched before, still running)."""
+    return torch.as_tensor(values).to(device, non_blocking=True)
 
 
 @dataclass
@@ -42,9 +49,7 @@ class TokenFeed:
         n = len(self.sources)
         if np.array_equal(self.sources, np.arange(n)):
             return sampled[:n].to(torch.int32)
-        # non_blocking: a blocking copy would wait for the step still running on the device
-        index = torch.from_numpy(self.sources).to(sampled.device, non_blocking=True)
-        return sampled[index].to(torch.int32)
+        return sampled[to_device(self.sources, sampled.device)].to(torch.int32)
 
 
 def write_rows(ids: torch.Tensor, rows: np.ndarray, values: torch.Tensor) -> None:
@@ -54,7 +59,7 @@ def write_rows(ids: torch.Tensor, rows: np.ndarray, values: torch.Tensor) -> Non
     if rows[-1] == n - 1:
         ids[:n] = values
     else:
-        ids[torch.from_numpy(rows).to(ids.device, non_blocking=True)] = values
+        ids[to_device(rows, ids.device)] = values
 
 
 def count_pending(output_counts: torch.Tensor, seqs: list[Sequence], sampled: torch.Tensor,
@@ -64,9 +69,8 @@ def count_pending(output_counts: torch.Tensor, seqs: list[Sequence], sampled: to
     rows = [r for r, s in enumerate(seqs) if s.output_ids and s.output_ids[-1] == PENDING_TOKEN]
     if not rows:
         return
-    sources = torch.tensor([sampled_row_of[seqs[r].seq_id] for r in rows])
-    tokens = sampled[sources.to(sampled.device, non_blocking=True)]
-    output_counts[torch.tensor(rows).to(output_counts.device, non_blocking=True), tokens] += 1
+    tokens = sampled[to_device([sampled_row_of[seqs[r].seq_id] for r in rows], sampled.device)]
+    output_counts[to_device(rows, output_counts.device), tokens] += 1
 
 
 def reads_history(seq: Sequence) -> bool:

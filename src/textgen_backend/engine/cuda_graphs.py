@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from textgen_backend.engine.async_steps import write_rows
+from textgen_backend.engine.async_steps import to_device, write_rows
 from textgen_backend.layers.attention import AttentionMetadata
 from textgen_backend.layers.lora import LoraBatch
 
@@ -108,7 +108,7 @@ class _GraphSet:
         logits, hidden = self._launch(size)
         if np.array_equal(rows, np.arange(len(rows))):
             return logits[:len(rows)], hidden[:len(rows)]
-        index = torch.from_numpy(rows).to(logits.device, non_blocking=True)
+        index = to_device(rows, logits.device)
         return logits[index], hidden[index]
 
     def _launch(self, size) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from textgen_backend.engine.async_steps import TokenFeed, count_pending, write_rows
+from textgen_backend.engine.async_steps import TokenFeed, count_pending, to_device, write_rows
 from textgen_backend.engine.cuda_graphs import (DecodeGraphs, StagingBuffer, StepArrays,
                                                 VarlenGraphs, VarlenShape, fill_block_tables,
                                                 leading_decode_rows)
@@ -251,13 +251,13 @@ class ModelRunner:
             rows, vectors = step.soft_prompts
             soft_prompts = (torch.from_numpy(rows).to(self.device), vectors.to(self.device))
         if a.lora_slots is not None:
-            self.lora_batch.slot_of_token = _to_device(a.lora_slots, self.device)
+            self.lora_batch.slot_of_token = to_device(a.lora_slots, self.device)
         try:
             hidden = self.model(ids, positions, meta, soft_prompts)
         finally:
             if self.lora_batch is not None:
                 self.lora_batch.slot_of_token = None
-        hidden_rows = hidden[_to_device(step.sampled_rows, self.device)]
+        hidden_rows = hidden[to_device(step.sampled_rows, self.device)]
         return ForwardOutput(self.model.compute_logits(hidden_rows),
                              hidden_rows if step.keep_hidden_rows else None,
                              [self.model.compute_logits(hidden[first:last])
@@ -368,12 +368,6 @@ class ModelRunner:
     def _slots(self, block_ids: list[int], num_tokens: int) -> np.ndarray:
         bs = self.block_size
         return (np.asarray(block_ids)[:, None] * bs + np.arange(bs)).reshape(-1)[:num_tokens]
-
-
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A small host array on the device without waiting for the device's queued work (a
-    blocking copy would wait for a step launched before this one)."""
-    return torch.from_numpy(array).to(device, non_blocking=True)
 
 
 def _sampled_rows(cu_seqlens: np.ndarray, completes: list[bool],

@@ -201,10 +201,14 @@ class Scheduler:
         """Whether the next step can give every running sequence a slot for its next token
         without preempting one (a step launched ahead must not preempt: the sequences it would
         send back to the queue still wait for their pending token)."""
-        bs = self.block_manager.block_size
-        needed = sum(len(s.block_ids) * bs < s.num_tokens
-                     for s in self.running if not s.is_ending)
+        needed = sum(self._needs_block(s) for s in self.running)
         return needed <= self.block_manager.num_free_blocks
+
+    def _needs_block(self, seq: Sequence) -> bool:
+        """Whether seq's next token needs a new KV block (a sequence ending with its pending
+        token gets no next token)."""
+        return not seq.is_ending and len(seq.block_ids) * self.block_manager.block_size \
+            < seq.num_tokens
 
     def _accept(self, seq: Sequence, drafts: list[int], sampled: SampleOutput,
                 rows: range) -> StepOutput:
@@ -357,7 +361,7 @@ class Scheduler:
         bm = self.block_manager
         while pending:
             seq = pending.popleft()
-            if seq.is_ending or len(seq.block_ids) * bm.block_size >= seq.num_tokens:
+            if not self._needs_block(seq):
                 kept.append(seq)
                 continue
             while not bm.can_append(seq):
