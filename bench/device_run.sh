@@ -26,7 +26,7 @@ for bench in "$@"; do
     lora) run lora 340 bench_lora.py ;;
     grammar) run grammar 150 bench_grammar.py --tokenizer ../.carry/demo-tokenizer ;;
     prefix) run prefix 540 bench_prefix.py ;;
-    mixed) run mixed 300 bench_prefix.py --scenarios mixed --chunks 1024,512,256 --eager-chunks 512 ;;
+    mixed) run mixed 300 bench_prefix.py --scenarios mixed --chunks 512,256,128 --eager-chunks "" ;;
     profile) run profile 170 profile_mixed_step.py ;;
     speculative) run speculative 420 bench_speculative.py --skip real ;;
     api) run api 500 bench_api.py --serve-llama3-8b ;;

@@ -139,9 +139,11 @@ class EngineConfig:
                                   "reading tokens, sending outputs) hides behind the GPU's "
                                   "(vLLM's --async-scheduling); it applies while no running "
                                   "request uses a watermark, bad words of several tokens or a "
-                                  "grammar, without --speculate and with one "
-                                  "shard. --no-async-scheduling waits for each step's tokens "
-                                  "before scheduling the next.", default=True)
+                                  "grammar, with one shard, and with --speculate only while "
+                                  "more sequences run than --speculation-max-batch-size (steps "
+                                  "with drafts need the tokens before them). "
+                                  "--no-async-scheduling waits for each step's tokens before "
+                                  "scheduling the next.", default=True)
     prefix_caching: bool = flag("Reuse the KV of prompt prefixes that earlier requests computed "
                                 "(blocks full of the same tokens, adapter and soft prompt); "
                                 "--no-prefix-caching recomputes every prompt.", default=True)

@@ -14,6 +14,7 @@ from textgen_backend.config import EngineConfig
 from textgen_backend.engine import async_steps
 from textgen_backend.engine.engine import Engine
 from textgen_backend.engine.sequence import Sequence
+from textgen_backend.speculation import speculator
 from textgen_backend.sampling.params import DetailsParams, SamplingParams, StoppingParams
 from tiny_models import build_tiny_model
 
@@ -218,3 +219,57 @@ def test_a_step_launched_ahead_that_fails_is_recovered(model_dir, monkeypatch, f
         assert all(r["finish"] == "error" for r in got.values())
         assert all(r["tokens"] == expected[i]["tokens"][:len(r["tokens"])]
                    for i, r in got.items())
+
+
+@pytest.mark.parametrize("max_batch_size", [5, 8])
+def test_speculation_above_its_batch_size_launches_steps_ahead(model_dir, monkeypatch,
+                                                               max_batch_size):
+    """With --speculate, steps of more sequences than --speculation-max-batch-size get no drafts
+    and are launched ahead; smaller ones get drafts and are launched one at a time, and so is
+    the step after one with drafts (how many are accepted is unknown until it is read); the
+    outputs equal those of steps read one by one."""
+    eos = _eos(model_dir)
+    spec = {"speculate": 3, "speculation_max_batch_size": max_batch_size}
+    expected = _run(_engine(model_dir, False, eos, **spec), _workload())
+    engine = _engine(model_dir, True, eos, **spec)
+    ahead, drafted = [], []
+    launch, attach = engine._launch, engine.speculator.attach
+    monkeypatch.setattr(engine, "_launch", lambda previous=None: (
+        ahead.append(previous is not None) or launch(previous)))
+    monkeypatch.setattr(engine.speculator, "attach", lambda out: (
+        attach(out) or drafted.append(out.draft_ids is not None)))
+    _assert_same(_run(engine, _workload()), expected)
+    assert sum(ahead) > 2 and sum(drafted) > 5
+    assert engine.speculator.counters.accepted_tokens > 0
+
+
+def test_a_step_launched_ahead_gets_no_drafts(model_dir, monkeypatch):
+    """More sequences run than --speculation-max-batch-size, so steps are launched ahead; when
+    one of them stops decoding (max_tokens), a step launched ahead has fewer decoding rows than
+    that size, but gets no drafts: they would be proposed without its newest tokens."""
+    spec = {"speculate": 3, "speculation_max_batch_size": 1}
+    # drafts for every row, as Medusa heads give (n-gram finds none after a pending token)
+    monkeypatch.setattr(speculator, "propose_ngram",
+                        lambda histories, n: [[5, 6, 7][:n] for _ in histories])
+
+    def seqs():
+        return [(0, Sequence(1, [5, 6, 7] * 4, SamplingParams(),
+                             StoppingParams(max_tokens=30, ignore_eos=True)), None),
+                (3, Sequence(2, list(range(100, 160)), SamplingParams(),
+                             StoppingParams(max_tokens=5, ignore_eos=True)), None)]
+
+    expected = _run(_engine(model_dir, False, frozenset({1}), **spec), seqs())
+    engine = _engine(model_dir, True, frozenset({1}), **spec)
+    launched = []  # (launched ahead, with drafts)
+    launch = engine._launch
+
+    def record(previous=None):
+        flight = launch(previous)
+        if flight is not None:
+            launched.append((previous is not None, flight.scheduled.draft_ids is not None))
+        return flight
+
+    monkeypatch.setattr(engine, "_launch", record)
+    _assert_same(_run(engine, seqs()), expected)
+    assert (True, False) in launched and (False, True) in launched
+    assert (True, True) not in launched

@@ -380,7 +380,7 @@ class Engine:
         self.last_step = current.stats if current else None
         if current is None:
             return outputs
-        if current.error is None and self._can_look_ahead():
+        if self._can_look_ahead(current):
             self._ahead = self._launch(current.launched)
         outputs += self._read(current)
         if self._ahead is not None and self._ahead.error is not None:
@@ -390,10 +390,14 @@ class Engine:
             current.stats.failure = failed.stats.failure
         return outputs
 
-    def _can_look_ahead(self) -> bool:
+    def _can_look_ahead(self, current: _InFlight) -> bool:
         """Whether the next step may be launched before the current one's tokens are read:
-        nothing it decides may depend on their values (async_steps.py)."""
-        return (self.config.async_scheduling and self.shards is None and self.speculator is None
+        nothing it decides may depend on their values (async_steps.py). A step with drafts
+        leaves even their number unknown (how many are accepted)."""
+        return (self.config.async_scheduling and current.error is None
+                and current.scheduled.draft_ids is None and self.shards is None
+                and (self.speculator is None
+                     or not self.speculator.drafts_for(len(self.scheduler.running)))
                 and not any(reads_history(s) for s in self.scheduler.running)
                 and self.scheduler.decode_slots_fit())
 
@@ -404,7 +408,7 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if scheduled is None:
             return None
-        if self.speculator is not None:
+        if self.speculator is not None and previous is None:  # drafts need the tokens' values
             self.speculator.attach(scheduled)
         flight = _InFlight(scheduled, StepStats(
             scheduled.is_prefill, len(scheduled.seqs),

@@ -36,11 +36,15 @@ class Speculator:
         self.block_manager = block_manager
         self.counters = SpeculationCounters(method)
 
+    def drafts_for(self, num_decoding: int) -> bool:
+        """Whether a step of num_decoding decoding sequences gets drafts."""
+        return num_decoding <= self.max_batch_size
+
     def attach(self, out: SchedulerOutput) -> None:
         """Gives out's decoding rows their drafts (out.draft_ids, num_new_tokens)."""
         rows = [i for i, (s, n) in enumerate(zip(out.seqs, out.num_new_tokens))
                 if n == 1 and s.is_decoding and s.grammar is None]
-        if not rows or len(rows) > self.max_batch_size:
+        if not rows or not self.drafts_for(len(rows)):
             return
         seqs = [out.seqs[i] for i in rows]
         if self.counters.method == "medusa":
