@@ -249,7 +249,7 @@ class ModelRunner:
         soft_prompts = None
         if step.soft_prompts is not None:
             rows, vectors = step.soft_prompts
-            soft_prompts = (torch.from_numpy(rows).to(self.device), vectors.to(self.device))
+            soft_prompts = (to_device(rows, self.device), vectors.to(self.device))
         if a.lora_slots is not None:
             self.lora_batch.slot_of_token = to_device(a.lora_slots, self.device)
         try:

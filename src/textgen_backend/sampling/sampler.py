@@ -157,6 +157,10 @@ def _build_penalties(seqs: list[Sequence], vocab_size: int,
         ids[ids < 0] = vocab_size
         return ids.to(device, non_blocking=True)
 
+    def parameter(values):
+        # non_blocking: a blocking copy would wait for a step launched before (async scheduling)
+        return torch.tensor(values).to(device, non_blocking=True)
+
     def counts(lists):
         # One spare column absorbs the padding id, then is dropped.
         ids = padded(lists)
@@ -165,9 +169,9 @@ def _build_penalties(seqs: list[Sequence], vocab_size: int,
         return table[:, :vocab_size]
 
     return PenaltyBatch(
-        repetition=torch.tensor([s.sampling.repetition_penalty for s in seqs]).to(device),
-        presence=torch.tensor([s.sampling.presence_penalty for s in seqs]).to(device),
-        frequency=torch.tensor([s.sampling.frequency_penalty for s in seqs]).to(device),
+        repetition=parameter([s.sampling.repetition_penalty for s in seqs]),
+        presence=parameter([s.sampling.presence_penalty for s in seqs]),
+        frequency=parameter([s.sampling.frequency_penalty for s in seqs]),
         prompt_mask=counts([s.prompt_ids for s in seqs]) > 0,
         output_counts=counts([s.output_ids for s in seqs]),
     )
