@@ -4,10 +4,7 @@ Mechanics, on one GPU: Llama-3-8B shape, bf16, random weights; `batch` sequences
 prompt tokens decode 128 tokens greedily. The drafts come from an oracle (the tokens a run
 without drafts produced: acceptance ~100%, less where bf16 rounding differs between the
 verification step and the decode graphs; the measured rate is printed) or are always wrong
-(those tokens + 1): every step ("always wrong", the verification's cost: drafts' back-off
-off) or as the back-off lets them ("always wrong, back-off": a sequence whose drafts keep
-missing drafts every 8th step; the others are launched ahead). N = 0 is plain decoding (decode
-CUDA graphs).
+(those tokens + 1). N = 0 is plain decoding (decode CUDA graphs).
 
 Real acceptance: the demo model (SmolLM2-135M; `--demo DIR`, default `textgen demo-model`) on
 input-grounded prompts (correct, summarize, extract from a given passage) at batch 1, n-gram
@@ -128,20 +125,11 @@ def mechanics(args) -> list[list]:
                 drafts.append([(t + 1) % 128000 if wrong else t for t in full[len(h):len(h) + n]])
             return drafts
 
-        module = _speculator_module()
-        backoff = module.MAX_SKIPPED_STEPS
-
-        def wrong(h, n):
-            return oracle(h, n, wrong=True)
-
         for num_drafts in args.drafts:
-            for name, proposer, skips in (("oracle", oracle, backoff),
-                                          ("always wrong", wrong, 0),
-                                          ("always wrong, back-off", wrong, backoff)):
-                module.MAX_SKIPPED_STEPS = skips
+            for name, proposer in (("oracle", oracle),
+                                   ("always wrong", lambda h, n: oracle(h, n, wrong=True))):
                 decode_run(engine, prompts, 8, num_drafts, proposer)  # warm-up: compiles
                 run = decode_run(engine, prompts, args.tokens, num_drafts, proposer)
-                module.MAX_SKIPPED_STEPS = backoff
                 tps = run["tokens"] / run["seconds"]
                 rows.append([batch, num_drafts, name, f"{100 * run['acceptance']:.0f}%",
                              f"{run['tokens'] / run['steps'] / batch:.2f}",

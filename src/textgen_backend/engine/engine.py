@@ -397,7 +397,7 @@ class Engine:
         return (self.config.async_scheduling and current.error is None
                 and current.scheduled.draft_ids is None and self.shards is None
                 and (self.speculator is None
-                     or not self.speculator.may_draft(self.scheduler.running))
+                     or not self.speculator.drafts_for(len(self.scheduler.running)))
                 and not any(reads_history(s) for s in self.scheduler.running)
                 and self.scheduler.decode_slots_fit())
 

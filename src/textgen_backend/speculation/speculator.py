@@ -7,26 +7,17 @@ step: speculation changes how many steps it takes, never what comes out.
 
 Rows with a grammar, and steps of more than --speculation-max-batch-size decoding rows, get no
 drafts. Drafts never pass max_tokens, and only use KV blocks that are free after every running
-sequence has its next slot (the scheduler trims what the rejected ones held).
-
-A sequence whose drafts all missed backs off: it skips drafting for 1, 3, then 7 steps while
-the misses go on, and drafts every step again once one draft lands. A step without drafts can be
-launched ahead (async scheduling), so drafts that keep failing cost a verification step and a
-lost overlap every 8 steps instead of every step."""
+sequence has its next slot (the scheduler trims what the rejected ones held)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from weakref import WeakKeyDictionary
 
 from textgen_backend.speculation.ngram import propose_ngram
 
 if TYPE_CHECKING:  # the engine's parts are passed in, never imported at run time
     from textgen_backend.engine.block_manager import BlockManager
     from textgen_backend.engine.scheduler import SchedulerOutput, StepOutput
-    from textgen_backend.engine.sequence import Sequence
-
-MAX_SKIPPED_STEPS = 7  # the longest back-off; 0 drafts every step whatever the misses
 
 
 @dataclass
@@ -44,31 +35,16 @@ class Speculator:
         self.max_batch_size = max_batch_size
         self.block_manager = block_manager
         self.counters = SpeculationCounters(method)
-        # a backing-off sequence's (misses in a row, output length it drafts again at)
-        self._backoff: WeakKeyDictionary[Sequence, tuple[int, int]] = WeakKeyDictionary()
 
     def drafts_for(self, num_decoding: int) -> bool:
         """Whether a step of num_decoding decoding sequences gets drafts."""
         return num_decoding <= self.max_batch_size
-
-    def may_draft(self, running: list[Sequence]) -> bool:
-        """Whether the next step of these sequences may get drafts (if not, it can be launched
-        before the step now running is read). A running sequence advances one token a step
-        while it gets no drafts, so its back-off is known ahead."""
-        return self.drafts_for(len(running)) and any(
-            s.grammar is None and self._wants_drafts(s) for s in running)
-
-    def _wants_drafts(self, seq: Sequence) -> bool:
-        return len(seq.output_ids) >= self._backoff.get(seq, (0, 0))[1]
 
     def attach(self, out: SchedulerOutput) -> None:
         """Gives out's decoding rows their drafts (out.draft_ids, num_new_tokens)."""
         rows = [i for i, (s, n) in enumerate(zip(out.seqs, out.num_new_tokens))
                 if n == 1 and s.is_decoding and s.grammar is None]
         if not rows or not self.drafts_for(len(rows)):
-            return
-        rows = [i for i in rows if self._wants_drafts(out.seqs[i])]
-        if not rows:
             return
         seqs = [out.seqs[i] for i in rows]
         if self.counters.method == "medusa":
@@ -89,21 +65,13 @@ class Speculator:
             out.draft_ids = drafts
 
     def record(self, out: SchedulerOutput, outputs: list[StepOutput]) -> None:
-        """Counts the drafts of out that its step's outputs (StepOutput) accepted, and backs
-        off the sequences that accepted none."""
+        """Counts the drafts of out that its step's outputs (StepOutput) accepted."""
         if out.draft_ids is None:
             return
-        drafted = {s.seq_id: (s, d) for s, d in zip(out.seqs, out.draft_ids) if d}
+        drafted = {s.seq_id: d for s, d in zip(out.seqs, out.draft_ids) if d}
         for output in outputs:
-            seq, drafts = drafted.get(output.seq_id, (None, None))
-            if not drafts:
-                continue
-            accepted = next((j for j, (token, draft) in enumerate(zip(output.new_token_ids, drafts))
-                             if token != draft), min(len(output.new_token_ids), len(drafts)))
-            self.counters.accepted_tokens += accepted
-            if accepted:
-                self._backoff.pop(seq, None)
-            else:
-                misses = self._backoff.get(seq, (0, 0))[0] + 1
-                skipped = min(2 ** misses - 1, MAX_SKIPPED_STEPS)
-                self._backoff[seq] = (misses, len(seq.output_ids) + skipped)
+            drafts = drafted.get(output.seq_id)
+            if drafts:
+                self.counters.accepted_tokens += next(
+                    (j for j, (token, draft) in enumerate(zip(output.new_token_ids, drafts))
+                     if token != draft), min(len(output.new_token_ids), len(drafts)))
