@@ -79,6 +79,13 @@ def decode_run(engine, prompts, tokens: int, num_drafts: int, proposer) -> dict:
             "tokens": made, "acceptance": accepted / drafted if drafted else float("nan")}
 
 
+def _weight(projection) -> torch.Tensor:
+    """A projection's dense weight, through a LoraProjection's base layer when wrapped."""
+    while not hasattr(projection, "weight") and hasattr(projection, "base"):
+        projection = projection.base
+    return projection.weight
+
+
 def deterministic_walk(model) -> None:
     """Random weights give near-flat logits, so bf16 rounding differences between a decode
     graph and a verification step flip the greedy token at most steps (the first H200 run: an
@@ -88,12 +95,12 @@ def deterministic_walk(model) -> None:
     path agrees, and an oracle's drafts land."""
     with torch.no_grad():
         for layer in model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
+            _weight(layer.self_attn.o_proj).zero_()
+            _weight(layer.mlp.down_proj).zero_()
         model.norm.weight.fill_(1.0)
         embeddings = model.embed_tokens.weight
         perm = torch.randperm(embeddings.shape[0], generator=torch.Generator().manual_seed(0))
-        model.lm_head.weight.copy_(embeddings[perm.to(embeddings.device)])
+        _weight(model.lm_head).copy_(embeddings[perm.to(embeddings.device)])
 
 
 def mechanics(args) -> list[list]:

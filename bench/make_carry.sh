@@ -12,11 +12,14 @@ rm -rf .carry && mkdir .carry
   --implementation cp --platform manylinux_2_31_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .carry numpy==1.26.4 tritonclient==2.51.0 grpcio==1.85.1 protobuf==4.25.9 python-rapidjson==1.20 \
   llguidance==1.9.1
-# the REST front end (bench_api): not in the device image
+# the REST front end (bench_api), at server.lock's versions: those of its dependencies that the
+# device image lacks (KINDS.md lists the image's packages; the first run found fastapi's
+# opentelemetry-api missing when these versions were written here by hand)
+pinned() { for name in "$@"; do grep -m1 "^$name==" requirements/server.lock | cut -d' ' -f1; done; }
 .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .carry \
-  fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.50.5 uvicorn==0.55.0 \
-  annotated-types==0.8.0 typing-inspection==0.4.5 annotated-doc==0.0.7
+  $(pinned fastapi starlette pydantic pydantic-core uvicorn annotated-types typing-inspection \
+    annotated-doc opentelemetry-api)
 DEMO=$(.venv/bin/textgen demo-model)
 mkdir .carry/demo-tokenizer
 cp "$DEMO"/tokenizer.json "$DEMO"/tokenizer_config.json .carry/demo-tokenizer/

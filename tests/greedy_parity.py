@@ -15,9 +15,9 @@ def record_top5(monkeypatch) -> dict[int, list[list[int]]]:
             recorded.setdefault(seq.seq_id, []).append(row)
         return real_select(logits, batch, *args, **kwargs)
 
-    def launch(self, out, previous=None):
+    def launch(self, out, *args, **kwargs):
         recording_select.seqs = [s for s, done in zip(out.seqs, out.completes()) if done]
-        return real_launch(self, out, previous)
+        return real_launch(self, out, *args, **kwargs)
 
     monkeypatch.setattr(model_runner, "select", recording_select)
     monkeypatch.setattr(model_runner.ModelRunner, "launch", launch)

@@ -100,9 +100,12 @@ def _record_varlen_replays(monkeypatch) -> list:
     """The shapes of the varlen graphs replayed."""
     replays = []
     real_run = cuda_graphs.VarlenGraphs.run
-    monkeypatch.setattr(cuda_graphs.VarlenGraphs, "run",
-                        lambda self, arrays, pinned, rows: replays.append(self.shape_for(arrays))
-                        or real_run(self, arrays, pinned, rows))
+
+    def run(self, arrays, *args, **kwargs):
+        replays.append(self.shape_for(arrays))
+        return real_run(self, arrays, *args, **kwargs)
+
+    monkeypatch.setattr(cuda_graphs.VarlenGraphs, "run", run)
     return replays
 
 
@@ -126,7 +129,8 @@ def test_float32_prefill_and_mixed_graphs_are_token_exact(model_dir, monkeypatch
     fed = []
     values = async_steps.TokenFeed.values
     monkeypatch.setattr(async_steps.TokenFeed, "values",
-                        lambda self, sampled: fed.append(len(self.rows)) or values(self, sampled))
+                        lambda self, *args, **kwargs: fed.append(len(self.rows))
+                        or values(self, *args, **kwargs))
     engine = Engine(EngineConfig(model_id=str(model_dir), dtype="float32",
                                  max_batch_total_tokens=50_000,
                                  max_batch_prefill_tokens=chunk), model_dir)
