@@ -36,6 +36,23 @@ def _shapes(config: dict) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
+def lora_bytes(rank: int) -> int:
+    """What a decode step must read of one adapter: A and B of every projection, bf16."""
+    per_layer = sum(rank * (fan_in + fan_out) for fan_in, fan_out in _shapes(LLAMA3_8B).values())
+    return 2 * per_layer * LLAMA3_8B["num_hidden_layers"]
+
+
+def step_bytes(engine, batch: int, context: int) -> int:
+    """What a base decode step must read: the weights (of the embeddings only the batch's
+    rows) and the batch's KV (bf16)."""
+    weights = sum(p.numel() * p.element_size()
+                  for name, p in engine.runner.model.named_parameters()
+                  if "embed_tokens" not in name)
+    c = LLAMA3_8B
+    kv_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * 2
+    return weights + batch * context * kv_per_token
+
+
 def write_adapters(root: Path, count: int, rank: int) -> list[Path]:
     """`count` random PEFT LoRA directories of Llama-3-8B's shape (bf16)."""
     from safetensors.torch import save_file
@@ -111,6 +128,15 @@ def throughput(engine, requests, refs: list, first_id: int) -> tuple[float, floa
     return sum(n_out for _, n_out in requests) / t.seconds, t.seconds
 
 
+def _timed_step(engine) -> float:
+    """Seconds of one engine.step() call: a step's time between calls (a step's own
+    total_seconds spans its launch to its read, which with async scheduling includes the step
+    before it)."""
+    started = time.perf_counter()
+    step(engine)
+    return time.perf_counter() - started
+
+
 def loading(engine, catalog, directories, batch: int, context: int) -> dict:
     """Load time of 5 adapters read from disk into the last slot (the page cache is not
     dropped), then the decode steps of a running base batch while 8 more load."""
@@ -130,22 +156,23 @@ def loading(engine, catalog, directories, batch: int, context: int) -> dict:
         step(engine)
     quiet, during = [], []
     for _ in range(30):
-        step(engine)
-        quiet.append(engine.last_step.total_seconds)
+        quiet.append(_timed_step(engine))
     refs = [catalog.resolve(str(d), "local", "") for d in directories[5:13]]
     waiting = _sequences(910_000, len(refs), [(16, 4)] * len(refs), refs, rng)
     for seq in waiting:
         engine.add(seq)
     started = time.perf_counter()
     while any(not s.output_ids for s in waiting):
-        step(engine)
+        seconds = _timed_step(engine)
         if engine.last_step is not None and not engine.last_step.is_prefill:
-            during.append(engine.last_step.total_seconds)
+            during.append((seconds, engine.last_step.batch_size, engine.last_step.num_tokens,
+                           engine.adapters.num_active))
     loads_seconds = time.perf_counter() - started
     while engine.has_work():
         step(engine)
+    worst = max(during, default=(float("nan"), 0, 0, 0))
     return {"load_ms": load_ms, "quiet_ms": 1e3 * float(np.median(quiet)),
-            "worst_ms": 1e3 * max(during, default=float("nan")),
+            "worst_ms": 1e3 * worst[0], "worst_step": worst[1:],
             "steps_during": len(during), "loads_seconds": loads_seconds}
 
 
@@ -155,9 +182,12 @@ def kernels(rank: int, slots: int, batch: int, bandwidth: float) -> list[list]:
     from textgen_kernels.lora import lora_expand, lora_shrink
 
     rows = []
-    for name, (k, n, shards) in {"qkv_proj": (4096, 6144, 3), "gate_up_proj": (4096, 28672, 2),
-                                 "down_proj": (14336, 4096, 1)}.items():
+    projections = {"qkv_proj": (4096, (0, 4096, 5120, 6144)), "o_proj": (4096, (0, 4096)),
+                   "gate_up_proj": (4096, (0, 14336, 28672)), "down_proj": (14336, (0, 4096))}
+    for name, (k, columns) in projections.items():
+        n, starts, shards = columns[-1], columns[:-1], len(columns) - 1
         r = shards * rank
+        shared = torch.zeros(slots, dtype=torch.int32, device="cuda")  # per-shard ranks
         for distinct in (1, 8, 64):
             x = torch.randn(batch, k, dtype=torch.bfloat16, device="cuda")
             a = torch.randn(slots, r, k, dtype=torch.bfloat16, device="cuda")
@@ -167,11 +197,12 @@ def kernels(rank: int, slots: int, batch: int, bandwidth: float) -> list[list]:
             h = lora_shrink(x, a, slot_of)
             shrink_ms = triton.testing.do_bench(lambda: lora_shrink(x, a, slot_of, out=h),
                                                 return_mode="median")
-            expand_ms = triton.testing.do_bench(lambda: lora_expand(out, h, b, slot_of),
-                                                return_mode="median")
-            shrink_bytes = 2 * (distinct * r * k + batch * k) + 4 * batch * r
-            expand_bytes = 2 * (distinct * n * r + 2 * batch * n) + 4 * batch * r
-            rows.append([name, distinct, f"{1e3 * shrink_ms:.1f}",
+            expand_ms = triton.testing.do_bench(
+                lambda: lora_expand(out, h, b, slot_of, starts, shared), return_mode="median")
+            # what must move: each distinct adapter's A (B: its shard's ranks), x / out, h
+            shrink_bytes = 2 * (distinct * r * k + batch * k) + 4 * h.numel()
+            expand_bytes = 2 * (distinct * n * rank + 2 * batch * n) + 4 * h.numel()
+            rows.append([name, distinct, h.shape[0], f"{1e3 * shrink_ms:.1f}",
                          f"{100 * shrink_bytes / (shrink_ms / 1e3) / bandwidth:.0f}%",
                          f"{1e3 * expand_ms:.1f}",
                          f"{100 * expand_bytes / (expand_ms / 1e3) / bandwidth:.0f}%"])
@@ -208,6 +239,7 @@ def main():
     loads = loading(engine, catalog, directories[count:], args.batch, args.context)
     phase("loads measured")
     decode_rows, base_ms = [], None
+    base_bytes, adapter_bytes = step_bytes(engine, args.batch, args.context), lora_bytes(args.rank)
     for distinct in (0, 1, 8, 64):
         chosen = refs[:distinct] or [None]
         ms = decode_ms(engine, chosen, args.batch, args.context, args.steps, 100_000 * distinct)
@@ -215,9 +247,13 @@ def main():
         base_ms = base_ms or ms
         decode_rows.append(["base model" if not distinct else f"{distinct} adapters",
                             f"{ms:.2f}", f"{1e3 * args.batch / ms:,.0f}",
-                            f"{100 * base_ms / ms:.0f}%"])
+                            f"{100 * base_ms / ms:.0f}%",
+                            f"{100 * base_bytes / (base_bytes + distinct * adapter_bytes):.0f}%"])
     print_table(f"Decode, batch {args.batch}, context {args.context}, rank {args.rank} on all "
-                "seven projections", ["rows use", "ms/step", "tok/s", "of base"], decode_rows)
+                f"seven projections (roofline: a step reads the weights and KV, "
+                f"{base_bytes / 1e9:.1f} GB, plus {adapter_bytes / 1e6:.0f} MB per distinct "
+                "adapter)", ["rows use", "ms/step", "tok/s", "of base", "roofline of base"],
+                decode_rows)
 
     requests = sharegpt_workload(args.requests)
     zipf = 1.0 / np.arange(1, args.adapters + 1) ** args.zipf
@@ -234,14 +270,19 @@ def main():
                   ", ".join(f"{ms:.0f}" for ms in loads["load_ms"])],
                  ["decode step without a load, median ms", f"{loads['quiet_ms']:.2f}"],
                  [f"slowest of {loads['steps_during']} decode steps during 8 loads, ms",
-                  f"{loads['worst_ms']:.2f} ({loads['worst_ms'] / loads['quiet_ms']:.2f}x)"]])
+                  f"{loads['worst_ms']:.2f} ({loads['worst_ms'] / loads['quiet_ms']:.2f}x)"],
+                 ["  that step: sequences, tokens, adapters resident",
+                  ", ".join(str(v) for v in loads["worst_step"])],
+                 ["8 loads, s from the first request to every first token",
+                  f"{loads['loads_seconds']:.2f}"]])
     slots = engine.adapters.slots.num_slots
     del engine
     release_gpu_memory()
     print_table(f"Kernels, batch {args.batch} ({slots} slots; % of "
                 f"{ceilings['bandwidth'] / 1e12:.2f} TB/s measured)",
-                ["projection", "distinct adapters", "shrink us", "of bandwidth", "expand us",
-                 "of bandwidth"], kernels(args.rank, slots, args.batch, ceilings["bandwidth"]))
+                ["projection", "distinct adapters", "K splits", "shrink us", "of bandwidth",
+                 "expand us", "of bandwidth"],
+                kernels(args.rank, slots, args.batch, ceilings["bandwidth"]))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ CASES = [
     ([-1], 40, 8, 24),
     ([2, -1, 0, 2, -1], 40, 12, 48),
     ([0, 0, 1, 2, 1], 16, 8, 48),
-    # past the block caps: several K chunks (with a tail), rank and column blocks
+    # past the block caps: several K chunks (with a tail, two K splits), rank and column blocks
     ([2, -1, 0, 2, -1], 300, 80, 200),
+    # few tokens, long K: four K splits, the last one past K's end
+    ([0, -1], 1000, 8, 40),
 ]
 
 
@@ -51,16 +53,18 @@ def make_out(rand, slots, n, dtype):
 def run_shrink(rand, poisoned, assert_close, *, slots, k, rank, dtype, num_slots=NUM_SLOTS):
     x = rand(len(slots), k, dtype=dtype)
     a_slots = make_a_slots(rand, num_slots, rank, k, dtype)
-    h = poisoned((len(slots), rank), torch.float32)
+    splits = lora.lora_shrink_splits(len(slots), k, rank)
+    h = poisoned((splits, len(slots), rank), torch.float32)
     assert lora.lora_shrink(x, a_slots, slots, out=h) is h
     ref = lora.lora_shrink_reference(x.float(), a_slots.float(), slots)
-    assert_close(h, ref, dtype, "lora_shrink")
-    assert (h[slots < 0] == 0).all(), "rows without an adapter must be zero"
+    assert_close(h.sum(0), ref[0], dtype, "lora_shrink")
+    assert (h[:, slots < 0] == 0).all(), "rows without an adapter must be zero"
+    return splits
 
 
-def run_expand(rand, assert_close, *, slots, n, rank, dtype, num_slots=NUM_SLOTS):
+def run_expand(rand, assert_close, *, slots, n, rank, dtype, num_slots=NUM_SLOTS, splits=2):
     out0 = make_out(rand, slots, n, dtype)
-    h = rand(len(slots), rank)
+    h = rand(splits, len(slots), rank)
     b_slots = rand(num_slots, n, rank, dtype=dtype)
     out = out0.clone()
     assert lora.lora_expand(out, h, b_slots, slots) is out
@@ -75,8 +79,9 @@ def run_expand(rand, assert_close, *, slots, n, rank, dtype, num_slots=NUM_SLOTS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("slots,k,rank,n", CASES)
 def test_lora_shrink(rand, poisoned, assert_close, device, dtype, slots, k, rank, n):
-    run_shrink(rand, poisoned, assert_close, slots=slots_tensor(slots, device), k=k, rank=rank,
-               dtype=dtype)
+    splits = run_shrink(rand, poisoned, assert_close, slots=slots_tensor(slots, device), k=k,
+                        rank=rank, dtype=dtype)
+    assert splits == {16: 1, 40: 1, 300: 2, 1000: 4}[k]
 
 
 @pytest.mark.unit
@@ -104,7 +109,7 @@ def test_lora_expand_into_column_slice(rand, assert_close, device, dtype):
     wide[slots < 0, 8::5] = -0.0
     before = wide.clone()
     view = wide[:, 8: 8 + n]
-    h = rand(len(slots), rank)
+    h = rand(1, len(slots), rank)
     b_slots = rand(NUM_SLOTS, n, rank, dtype=dtype)
     lora.lora_expand(view, h, b_slots, slots)
     ref = lora.lora_expand_reference(before[:, 8: 8 + n].float(), h, b_slots.float(), slots)
@@ -122,18 +127,18 @@ def test_lora_shrink_strided_rows(rand, poisoned, assert_close, device, dtype):
     k, rank = 40, 12
     x = rand(len(slots), k + 24, dtype=dtype)[:, 8: 8 + k]
     a_slots = make_a_slots(rand, NUM_SLOTS, rank, k, dtype)
-    buf = poisoned((len(slots), rank + 8), torch.float32)
-    lora.lora_shrink(x, a_slots, slots, out=buf[:, 4: 4 + rank])
+    buf = poisoned((1, len(slots), rank + 8), torch.float32)
+    lora.lora_shrink(x, a_slots, slots, out=buf[:, :, 4: 4 + rank])
     ref = lora.lora_shrink_reference(x.float(), a_slots.float(), slots)
-    assert_close(buf[:, 4: 4 + rank], ref, dtype, "lora_shrink with row strides")
-    assert buf[:, :4].isnan().all() and buf[:, 4 + rank:].isnan().all(), "wrote outside out"
+    assert_close(buf[:, :, 4: 4 + rank], ref, dtype, "lora_shrink with row strides")
+    assert buf[..., :4].isnan().all() and buf[..., 4 + rank:].isnan().all(), "wrote outside out"
 
 
 @pytest.mark.unit
 def test_lora_no_tokens(rand, device):
     slots = slots_tensor([], device)
     h = lora.lora_shrink(rand(0, 16), rand(NUM_SLOTS, 8, 16), slots)
-    assert h.shape == (0, 8) and h.dtype == torch.float32
+    assert h.shape == (1, 0, 8) and h.dtype == torch.float32
     out = rand(0, 24)
     assert lora.lora_expand(out, h, rand(NUM_SLOTS, 24, 8), slots) is out
 
@@ -142,7 +147,7 @@ def test_lora_no_tokens(rand, device):
 def test_lora_rejects_bad_inputs(rand, device):
     x, a_slots = rand(5, 16), rand(NUM_SLOTS, 8, 16)
     slots = slots_tensor([0, -1, 1, 2, 0], device)
-    out, h, b_slots = rand(5, 24), rand(5, 8), rand(NUM_SLOTS, 24, 8)
+    out, h, b_slots = rand(5, 24), rand(1, 5, 8), rand(NUM_SLOTS, 24, 8)
     with pytest.raises(ValueError, match="a_slots must be \\[S, R, 16\\]"):
         lora.lora_shrink(x, rand(NUM_SLOTS, 8, 12), slots)
     with pytest.raises(ValueError, match="a_slots.dtype"):
@@ -167,6 +172,36 @@ def test_lora_rejects_bad_inputs(rand, device):
         lora.lora_expand(rand(24, 5).t(), h, b_slots, slots)
     with pytest.raises(ValueError, match="slot_of_token must be int32"):
         lora.lora_expand(out, h, b_slots, slots.long())
+    with pytest.raises(ValueError, match="h must be \\[splits, T, R\\]"):
+        lora.lora_expand(out, h[0], b_slots, slots)
+    with pytest.raises(ValueError, match="shard_starts must be"):
+        lora.lora_expand(out, h, b_slots, slots, (0, 30))
+    with pytest.raises(ValueError, match="shard_starts must be"):
+        lora.lora_expand(out, h, b_slots, slots, (0, 8, 16))  # rank 8 over 3 shards
+    with pytest.raises(ValueError, match="shared_ranks must be int32"):
+        lora.lora_expand(out, h, b_slots, slots, (0, 8))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_expand_reads_each_shards_own_ranks(rand, assert_close, device, dtype):
+    """A fused projection's output columns [0, 16), [16, 24), [24, 40) are shards with ranks
+    [0, 4), [4, 8), [8, 12) each, unless the slot's adapter shares its ranks (trained on the
+    fused projection, slot 1 here). B is random everywhere: ranks outside a shard's own are
+    never read (they are zero in real slots)."""
+    slots = slots_tensor([2, -1, 0, 1, 1, 0], device)
+    starts, n, rank = (0, 16, 24), 40, 12
+    shared = torch.tensor([0, 1, 0], dtype=torch.int32, device=device)
+    out0 = make_out(rand, slots, n, dtype)
+    h = rand(3, len(slots), rank)
+    b_slots = rand(NUM_SLOTS, n, rank, dtype=dtype)
+    out = lora.lora_expand(out0.clone(), h, b_slots, slots, starts, shared)
+    ref = lora.lora_expand_reference(out0.float(), h, b_slots.float(), slots, starts, shared)
+    assert_close(out, ref, dtype, "lora_expand by shards")
+    unsharded = lora.lora_expand_reference(out0.float(), h, b_slots.float(), slots)
+    sharded_rows = (slots == 0) | (slots == 2)
+    assert not torch.allclose(ref[sharded_rows], unsharded[sharded_rows])
+    assert torch.equal(ref[slots == 1], unsharded[slots == 1])
 
 
 @pytest.mark.gpu
@@ -177,7 +212,15 @@ def test_lora_gpu(rand, poisoned, assert_close, device, dtype):
     num_tokens, k, rank, n, num_slots = 64, 4096, 16 * 3, 6144, 8
     slots = torch.randint(-1, num_slots, (num_tokens,), generator=rand.generator)
     slots = slots.to(torch.int32).to(device)
-    run_shrink(rand, poisoned, assert_close, slots=slots, k=k, rank=rank, dtype=dtype,
-               num_slots=num_slots)
+    assert run_shrink(rand, poisoned, assert_close, slots=slots, k=k, rank=rank, dtype=dtype,
+                      num_slots=num_slots) == 16
     run_expand(rand, assert_close, slots=slots, n=n, rank=rank, dtype=dtype,
-               num_slots=num_slots)
+               num_slots=num_slots, splits=16)
+    starts = (0, 4096, 5120)  # q, k, v; slot 3's adapter was trained on the fused projection
+    shared = (torch.arange(num_slots) == 3).to(torch.int32).to(device)
+    out0 = make_out(rand, slots, n, dtype)
+    h = rand(16, num_tokens, rank)
+    b_slots = rand(num_slots, n, rank, dtype=dtype)
+    out = lora.lora_expand(out0.clone(), h, b_slots, slots, starts, shared)
+    ref = lora.lora_expand_reference(out0.float(), h, b_slots.float(), slots, starts, shared)
+    assert_close(out, ref, dtype, "lora_expand by shards")

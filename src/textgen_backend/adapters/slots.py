@@ -23,6 +23,11 @@ def _projections(targets: dict[str, ProjectionTarget]) -> dict[str, tuple[int, i
     return modules
 
 
+def _shard_starts(targets: dict[str, ProjectionTarget], module: str) -> tuple[int, ...]:
+    """A module's shards' first output columns (0 alone for an unfused projection)."""
+    return tuple(sorted({t.offset for t in targets.values() if t.module == module}))
+
+
 def bytes_per_slot(model_config: ModelConfig, targets: dict[str, ProjectionTarget],
                    max_rank: int, dtype: torch.dtype) -> int:
     per_layer = sum(shards * max_rank * (width + out)
@@ -47,8 +52,9 @@ class AdapterSlots:
             for module, (_, _, shards) in _projections(targets).items():
                 parent_name, _, leaf = module.rpartition(".")
                 parent = layer.get_submodule(parent_name)
-                wrapped = LoraProjection(getattr(parent, leaf), num_slots, shards * max_rank, ops,
-                                         self.batch, dtype, device)
+                wrapped = LoraProjection(getattr(parent, leaf), num_slots, shards * max_rank,
+                                         _shard_starts(targets, module), ops, self.batch, dtype,
+                                         device)
                 setattr(parent, leaf, wrapped)
                 self.projections[f"layers.{index}.{module}"] = wrapped
 
@@ -76,8 +82,11 @@ class AdapterSlots:
             rows = slice(target.offset, target.offset + target.size)
             projection.a_slots[slot, start:start + r].copy_(a)
             projection.b_slots[slot, rows, start:start + r].copy_(b * piece.scaling)
+            if target.size == projection.out_features:  # its ranks serve every shard
+                projection.shared_ranks[slot] = 1
 
     def clear(self, slot: int) -> None:
         for projection in self.projections.values():
             projection.a_slots[slot].zero_()
             projection.b_slots[slot].zero_()
+            projection.shared_ranks[slot] = 0

@@ -19,15 +19,20 @@ class LoraBatch:
 
 class LoraProjection(nn.Module):
     """Wraps a projection (dense or quantized). a_slots [S, shards x R, in] and b_slots
-    [S, out, shards x R]: a fused projection gives each shard (q, k, v) its own rank range,
-    with B's rows for the other shards zero."""
+    [S, out, shards x R]: a fused projection gives each shard (q, k, v; first output columns
+    shard_starts) its own rank range, with B's rows for the other shards zero, unless the
+    slot's adapter was trained on the fused projection (shared_ranks[slot] = 1: its ranks
+    serve every shard)."""
 
-    def __init__(self, base: nn.Module, num_slots: int, rank_capacity: int, ops: Ops,
-                 batch: LoraBatch, dtype: torch.dtype, device: torch.device):
+    def __init__(self, base: nn.Module, num_slots: int, rank_capacity: int,
+                 shard_starts: tuple[int, ...], ops: Ops, batch: LoraBatch, dtype: torch.dtype,
+                 device: torch.device):
         super().__init__()
         self.base = base
         self.ops = ops
         self.batch = batch
+        self.shard_starts = shard_starts
+        self.shared_ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.in_features, self.out_features = base.in_features, base.out_features
         # Uninitialized: a slot is written whole before any token uses it, and the kernels
         # read only the slots tokens name (untouched pages of unused slots cost no memory).
@@ -42,4 +47,5 @@ class LoraProjection(nn.Module):
         if slots is None:
             return out
         h = self.ops.lora_shrink(x, self.a_slots, slots)
-        return self.ops.lora_expand(out, h, self.b_slots, slots)
+        return self.ops.lora_expand(out, h, self.b_slots, slots, self.shard_starts,
+                                    self.shared_ranks)
