@@ -20,12 +20,18 @@ A fused projection (qkv, gate_up) gives each output shard its own rank range, an
 outside it: given the shards' first output columns, the expand reads only the shard's ranks
 (a third of B for qkv, half for gate_up).
 
-Per token (batched GEMV, "BGMV"), not per adapter (segmented GEMM): the batch needs no sorting
-by adapter, any mix of adapters costs one launch, and at decode sizes (a handful of rows per
-adapter, R <= a few hundred) the kernels are bound by reading A and B, which tensor cores would
-not speed up. Each program reads its row's slot first and exits at once when it is -1: base-model
-rows cost (almost) nothing, and since the grid depends on T alone, a CUDA graph captured once over
-a static slot buffer serves every later mix of adapters, including none.
+Below TILE_MIN_TOKENS tokens, per token (batched GEMV, "BGMV"), not per adapter (segmented
+GEMM): the batch needs no sorting by adapter, any mix of adapters costs one launch, and at decode
+sizes (a handful of rows per adapter, R <= a few hundred) the kernels are bound by reading A and
+B, which tensor cores would not speed up. Each program reads its row's slot first and exits at
+once when it is -1: base-model rows cost (almost) nothing, and since the grid depends on T alone,
+a CUDA graph captured once over a static slot buffer serves every later mix of adapters,
+including none.
+
+From TILE_MIN_TOKENS tokens on (prefills), per tile of TILE_T consecutive tokens: a prompt's
+tokens are consecutive and share their adapter, so a tile reads A or B once per distinct slot in
+it (tensor-core dots over the tile's rows of that slot) instead of once per token; per token, a
+8,192-token prefill re-read each projection's A 8,192 times.
 """
 import torch
 import triton
@@ -156,6 +162,89 @@ def _lora_expand_kernel(
     tl.store(out_row, (old.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
+@triton.jit
+def _lora_shrink_tiles_kernel(
+    x_ptr, a_ptr, slot_ptr, h_ptr,
+    T, K, R, K_PER_SPLIT, stride_x, stride_as, stride_ar, stride_hs, stride_h,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One (tile of BLOCK_T tokens, chunk of BLOCK_R ranks, K split): for each distinct slot in
+    the tile, the rows of that slot times A[slot] over the split's inputs, in float32 (a row
+    without an adapter stays zero)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(2)
+    t_mask = offs_t < T
+    r_mask = offs_r < R
+    remaining = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1)
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    x_rows = x_ptr + offs_t[:, None].to(tl.int64) * stride_x
+    k_start = split * K_PER_SPLIT
+    while tl.max(remaining, axis=0) >= 0:
+        slot = tl.max(remaining, axis=0)
+        rows = remaining == slot
+        a_cols = a_ptr + slot.to(tl.int64) * stride_as + offs_r[None, :].to(tl.int64) * stride_ar
+        for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            x = tl.load(x_rows + offs_k[None, :], mask=rows[:, None] & k_mask[None, :], other=0.0)
+            a = tl.load(a_cols + offs_k[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            acc += tl.dot(x, a, input_precision=DOT_PRECISION)
+        remaining = tl.where(rows, -1, remaining)
+    h_tile = (h_ptr + split.to(tl.int64) * stride_hs + offs_t[:, None].to(tl.int64) * stride_h
+              + offs_r[None, :])
+    tl.store(h_tile, acc, mask=t_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _lora_expand_tiles_kernel(
+    out_ptr, h_ptr, b_ptr, slot_ptr, shared_ptr,
+    T, N, R, SPLITS, START1, START2, SHARD_R, stride_out, stride_hs, stride_h, stride_bs,
+    stride_bn,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SHARDED: tl.constexpr,
+):
+    """One (tile of BLOCK_T tokens, chunk of BLOCK_N output columns in one shard): for each
+    distinct slot in the tile, its rows' summed h times B[slot] (the shard's ranks, as in
+    _lora_expand_kernel), in float32, added to out and rounded once; rows without an adapter
+    are neither read nor written."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    n0 = tl.program_id(1) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    t_mask = offs_t < T
+    n_mask = offs_n < N
+    slots = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1)
+    remaining = slots
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    h_rows = h_ptr + offs_t[:, None].to(tl.int64) * stride_h
+    shard = (n0 >= START1).to(tl.int32) + (n0 >= START2).to(tl.int32)
+    while tl.max(remaining, axis=0) >= 0:
+        slot = tl.max(remaining, axis=0)
+        rows = remaining == slot
+        r_start = n0 * 0
+        r_end = r_start + R
+        if SHARDED:
+            own = 1 - tl.load(shared_ptr + slot)  # 1: this shard's ranks only
+            r_start = own * shard * SHARD_R
+            r_end = r_start + SHARD_R + (1 - own) * (R - SHARD_R)
+        b_cols = b_ptr + slot.to(tl.int64) * stride_bs + offs_n[None, :].to(tl.int64) * stride_bn
+        for r0 in range(r_start, r_end, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < r_end
+            h = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+            for split in range(0, SPLITS):
+                h += tl.load(h_rows + split * stride_hs + offs_r[None, :],
+                             mask=rows[:, None] & r_mask[None, :], other=0.0)
+            b = tl.load(b_cols + offs_r[:, None], mask=r_mask[:, None] & n_mask[None, :],
+                        other=0.0)
+            acc += tl.dot(h, b.to(tl.float32), input_precision="ieee")
+        remaining = tl.where(rows, -1, remaining)
+    out_tile = out_ptr + offs_t[:, None].to(tl.int64) * stride_out + offs_n[None, :]
+    written = (t_mask & (slots >= 0))[:, None] & n_mask[None, :]
+    old = tl.load(out_tile, mask=written, other=0.0)
+    tl.store(out_tile, (old.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=written)
+
+
 def _check_slots(slot_of_token: torch.Tensor, num_tokens: int) -> None:
     if slot_of_token.dtype != torch.int32 or slot_of_token.shape != (num_tokens,):
         raise ValueError(
@@ -178,6 +267,12 @@ def _check_devices(**tensors: torch.Tensor) -> None:
 _SHRINK_PROGRAMS = 1024
 _SHRINK_BLOCK_R = 64
 _SHRINK_BLOCK_K = 128
+TILE_MIN_TOKENS = 256  # from here on, tiles of consecutive tokens (prefills)
+TILE_T = 32
+
+
+def _row_blocks(num_tokens: int) -> int:
+    return num_tokens if num_tokens < TILE_MIN_TOKENS else triton.cdiv(num_tokens, TILE_T)
 
 
 def lora_shrink_splits(num_tokens: int, k: int, rank: int) -> int:
@@ -186,7 +281,7 @@ def lora_shrink_splits(num_tokens: int, k: int, rank: int) -> int:
     r_blocks = triton.cdiv(max(rank, 1), _SHRINK_BLOCK_R)
     block_k = min(triton.next_power_of_2(max(k, 16)), _SHRINK_BLOCK_K)
     splits = 1
-    while (2 * splits * max(num_tokens, 1) * r_blocks <= _SHRINK_PROGRAMS
+    while (2 * splits * max(_row_blocks(num_tokens), 1) * r_blocks <= _SHRINK_PROGRAMS
            and 2 * splits * block_k <= k):
         splits *= 2
     return splits
@@ -236,9 +331,20 @@ def lora_shrink(
     _check_devices(x=x, a_slots=a_slots, slot_of_token=slot_of_token, out=out)
     if num_tokens == 0 or rank == 0:
         return out
-    block_r = min(triton.next_power_of_2(rank), _SHRINK_BLOCK_R)
     block_k = min(triton.next_power_of_2(max(k, 16)), _SHRINK_BLOCK_K)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    if num_tokens >= TILE_MIN_TOKENS:
+        block_r = min(triton.next_power_of_2(max(rank, 16)), _SHRINK_BLOCK_R)
+        _lora_shrink_tiles_kernel[(triton.cdiv(num_tokens, TILE_T), triton.cdiv(rank, block_r),
+                                   splits)](
+            x, a_slots, slot_of_token, out,
+            num_tokens, k, rank, k_per_split, x.stride(0), a_slots.stride(0),
+            a_slots.stride(1), out.stride(0), out.stride(1),
+            BLOCK_T=TILE_T, BLOCK_R=block_r, BLOCK_K=block_k,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4,
+        )
+        return out
+    block_r = min(triton.next_power_of_2(rank), _SHRINK_BLOCK_R)
     _lora_shrink_kernel[(num_tokens, triton.cdiv(rank, block_r), splits)](
         x, a_slots, slot_of_token, out,
         k, rank, k_per_split, x.stride(0), a_slots.stride(0), a_slots.stride(1),
@@ -313,8 +419,18 @@ def lora_expand(
     shard_rank = rank // shards
     block_r = min(triton.next_power_of_2(max(rank if shards == 1 else shard_rank, 16)), 64)
     start1, start2 = (list(shard_starts[1:]) + [n, n])[:2]
+    shared = shared_ranks if shards > 1 else slot_of_token  # not read with one shard
+    if num_tokens >= TILE_MIN_TOKENS and block_n >= 16:  # tl.dot's smallest tile
+        tile_n = min(block_n, 64)
+        _lora_expand_tiles_kernel[(triton.cdiv(num_tokens, TILE_T), triton.cdiv(n, tile_n))](
+            out, h, b_slots, slot_of_token, shared,
+            num_tokens, n, rank, splits, start1, start2, shard_rank, out.stride(0), h.stride(0),
+            h.stride(1), b_slots.stride(0), b_slots.stride(1),
+            BLOCK_T=TILE_T, BLOCK_N=tile_n, BLOCK_R=block_r, SHARDED=shards > 1, num_warps=4,
+        )
+        return out
     _lora_expand_kernel[(num_tokens, triton.cdiv(n, block_n))](
-        out, h, b_slots, slot_of_token, shared_ranks if shards > 1 else slot_of_token,
+        out, h, b_slots, slot_of_token, shared,
         n, rank, splits, start1, start2, shard_rank, out.stride(0), h.stride(0), h.stride(1),
         b_slots.stride(0), b_slots.stride(1),
         BLOCK_N=block_n, BLOCK_R=block_r, SHARDED=shards > 1, num_warps=4,

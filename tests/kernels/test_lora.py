@@ -1,6 +1,7 @@
 """lora_shrink / lora_expand (Triton) against their pure-torch references."""
 import pytest
 import torch
+import triton
 
 from textgen_kernels import lora
 
@@ -23,6 +24,21 @@ CASES = [
     # few tokens, long K: four K splits, the last one past K's end
     ([0, -1], 1000, 8, 40),
 ]
+
+
+def skip_interpreted_bf16_dots(dtype):
+    if dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("the Triton interpreter's tl.dot is wrong for bfloat16 (it returns ~1e10 "
+                    "for 16 x 16 products of randn); test_lora_gpu covers the tiles in bfloat16")
+
+
+@pytest.fixture(params=["per token", "tiles"])
+def kernel_path(request, monkeypatch):
+    """Runs a test through the per-token kernels and through the tile kernels (prefills)."""
+    if request.param == "tiles":
+        skip_interpreted_bf16_dots(request.node.callspec.params.get("dtype"))
+    monkeypatch.setattr(lora, "TILE_MIN_TOKENS", 10**9 if request.param == "per token" else 1)
+    return request.param
 
 
 def slots_tensor(slots, device):
@@ -78,7 +94,7 @@ def run_expand(rand, assert_close, *, slots, n, rank, dtype, num_slots=NUM_SLOTS
 @pytest.mark.unit
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("slots,k,rank,n", CASES)
-def test_lora_shrink(rand, poisoned, assert_close, device, dtype, slots, k, rank, n):
+def test_lora_shrink(rand, poisoned, assert_close, device, dtype, kernel_path, slots, k, rank, n):
     splits = run_shrink(rand, poisoned, assert_close, slots=slots_tensor(slots, device), k=k,
                         rank=rank, dtype=dtype)
     assert splits == {16: 1, 40: 1, 300: 2, 1000: 4}[k]
@@ -87,7 +103,7 @@ def test_lora_shrink(rand, poisoned, assert_close, device, dtype, slots, k, rank
 @pytest.mark.unit
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("slots,k,rank,n", CASES)
-def test_lora_expand(rand, assert_close, device, dtype, slots, k, rank, n):
+def test_lora_expand(rand, assert_close, device, dtype, kernel_path, slots, k, rank, n):
     slots = slots_tensor(slots, device)
     out0, h, b_slots, out = run_expand(rand, assert_close, slots=slots, n=n, rank=rank,
                                        dtype=dtype)
@@ -101,7 +117,7 @@ def test_lora_expand(rand, assert_close, device, dtype, slots, k, rank, n):
 
 @pytest.mark.unit
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lora_expand_into_column_slice(rand, assert_close, device, dtype):
+def test_lora_expand_into_column_slice(rand, assert_close, device, dtype, kernel_path):
     """out is columns [8, 8 + N) of a wider fused-projection output: the rest stays untouched."""
     slots = slots_tensor([2, -1, 0, 2, -1], device)
     n, rank = 24, 12
@@ -121,7 +137,7 @@ def test_lora_expand_into_column_slice(rand, assert_close, device, dtype):
 
 @pytest.mark.unit
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lora_shrink_strided_rows(rand, poisoned, assert_close, device, dtype):
+def test_lora_shrink_strided_rows(rand, poisoned, assert_close, device, dtype, kernel_path):
     """x is a column slice of a wider tensor, and h goes into columns of a wider buffer."""
     slots = slots_tensor([1, -1, 2, 1, 0], device)
     k, rank = 40, 12
@@ -132,6 +148,20 @@ def test_lora_shrink_strided_rows(rand, poisoned, assert_close, device, dtype):
     ref = lora.lora_shrink_reference(x.float(), a_slots.float(), slots)
     assert_close(buf[:, :, 4: 4 + rank], ref, dtype, "lora_shrink with row strides")
     assert buf[..., :4].isnan().all() and buf[..., 4 + rank:].isnan().all(), "wrote outside out"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_tiles_of_mixed_prompts(rand, poisoned, assert_close, device, dtype, monkeypatch):
+    """A prefill-sized batch through the tile kernels: prompts of one adapter each (runs of
+    slots crossing tile edges), base-model prompts, then decode rows of mixed adapters, and a
+    last partial tile."""
+    skip_interpreted_bf16_dots(dtype)
+    monkeypatch.setattr(lora, "TILE_MIN_TOKENS", 64)
+    slots = [0] * 20 + [-1] * 13 + [2] * 40 + [1] * 5 + [2, 0, -1, 1, 1, 0, 2, -1, 0]
+    slots = slots_tensor(slots, device)
+    run_shrink(rand, poisoned, assert_close, slots=slots, k=300, rank=24, dtype=dtype)
+    run_expand(rand, assert_close, slots=slots, n=80, rank=24, dtype=dtype)
 
 
 @pytest.mark.unit
@@ -184,13 +214,14 @@ def test_lora_rejects_bad_inputs(rand, device):
 
 @pytest.mark.unit
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lora_expand_reads_each_shards_own_ranks(rand, assert_close, device, dtype):
+def test_lora_expand_reads_each_shards_own_ranks(rand, assert_close, device, dtype, kernel_path):
     """A fused projection's output columns [0, 16), [16, 24), [24, 40) are shards with ranks
     [0, 4), [4, 8), [8, 12) each, unless the slot's adapter shares its ranks (trained on the
     fused projection, slot 1 here). B is random everywhere: ranks outside a shard's own are
     never read (they are zero in real slots)."""
     slots = slots_tensor([2, -1, 0, 1, 1, 0], device)
-    starts, n, rank = (0, 16, 24), 40, 12
+    # the tiles need shards of 16 columns and more: (0, 32, 48) of 64 there
+    starts, n, rank = ((0, 16, 24), 40, 12) if kernel_path == "per token" else ((0, 32, 48), 64, 12)
     shared = torch.tensor([0, 1, 0], dtype=torch.int32, device=device)
     out0 = make_out(rand, slots, n, dtype)
     h = rand(3, len(slots), rank)
@@ -202,6 +233,35 @@ def test_lora_expand_reads_each_shards_own_ranks(rand, assert_close, device, dty
     sharded_rows = (slots == 0) | (slots == 2)
     assert not torch.allclose(ref[sharded_rows], unsharded[sharded_rows])
     assert torch.equal(ref[slots == 1], unsharded[slots == 1])
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_lora_kernels_compile_for_hopper(dtype):
+    """The CPU runs the kernels interpreted, which never compiles them: Triton's own compiler
+    (its bundled ptxas) builds each one for sm_90 here, so a kernel that cannot compile fails
+    before a GPU run does."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    kernels = {
+        lora._lora_shrink_kernel: {"BLOCK_R": 64, "BLOCK_K": 128},
+        lora._lora_expand_kernel: {"BLOCK_N": 128, "BLOCK_R": 16, "SHARDED": True},
+        lora._lora_shrink_tiles_kernel: {"BLOCK_T": 32, "BLOCK_R": 64, "BLOCK_K": 128,
+                                         "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"},
+        lora._lora_expand_tiles_kernel: {"BLOCK_T": 32, "BLOCK_N": 64, "BLOCK_R": 16,
+                                         "SHARDED": True},
+    }
+    for kernel, constexprs in kernels.items():
+        jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+        pointers = {"h_ptr": "*fp32", "slot_ptr": "*i32", "shared_ptr": "*i32"}
+        signature = {name: "constexpr" if name in constexprs
+                     else pointers.get(name, f"*{dtype}") if name.endswith("_ptr") else "i32"
+                     for name in jit.arg_names}
+        compiled = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["ptx"], kernel
 
 
 @pytest.mark.gpu
@@ -224,3 +284,12 @@ def test_lora_gpu(rand, poisoned, assert_close, device, dtype):
     out = lora.lora_expand(out0.clone(), h, b_slots, slots, starts, shared)
     ref = lora.lora_expand_reference(out0.float(), h, b_slots.float(), slots, starts, shared)
     assert_close(out, ref, dtype, "lora_expand by shards")
+    # a prefill: 1,000 tokens of prompts of one adapter each, through the tile kernels
+    prompts = torch.randint(0, 40, (20,), generator=rand.generator).tolist()
+    slots = torch.tensor([s if s < num_slots else -1 for s in prompts], dtype=torch.int32)
+    slots = slots.repeat_interleave(50).to(device)
+    assert len(slots) >= lora.TILE_MIN_TOKENS
+    run_shrink(rand, poisoned, assert_close, slots=slots, k=k, rank=rank, dtype=dtype,
+               num_slots=num_slots)
+    run_expand(rand, assert_close, slots=slots, n=n, rank=rank, dtype=dtype,
+               num_slots=num_slots)
