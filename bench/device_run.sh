@@ -22,7 +22,9 @@ for bench in "$@"; do
   case $bench in
     decode) run decode 240 bench_decode.py --skip-hf --batches 1,64,128 ;;
     throughput) run throughput 400 bench_throughput.py --skip hf,triton ;;
-    gpu-tests) run gpu-tests 560 -m pytest -q -p no:cacheprovider ../tests/gpu/test_gpu_parity.py ;;
+    gpu-tests) run gpu-tests 560 -m pytest -q -p no:cacheprovider -m gpu \
+                 ../tests/gpu/test_gpu_parity.py ../tests/gpu/test_lora_parity.py \
+                 ../tests/kernels/test_lora.py ;;
     lora) run lora 340 bench_lora.py ;;
     grammar) run grammar 150 bench_grammar.py --tokenizer ../.carry/demo-tokenizer ;;
     prefix) run prefix 540 bench_prefix.py ;;

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_adapters import ATTENTION, MLP, PeftReference, save_random_lora
+from lora_adapters import ATTENTION, MLP, PeftReference, save_fused_lora, save_random_lora
 from textgen_backend.adapters.catalog import AdapterCatalog
 from textgen_backend.config import EngineConfig
 from textgen_backend.engine.engine import Engine
@@ -121,44 +121,9 @@ def test_adapters_on_a_gptq_base_equal_peft_on_its_dequantized_weights(setup, tm
     assert _serve(engine, _greedy_seqs(refs)) == expected
 
 
-def _fuse(unfused: Path, out: Path) -> Path:
-    """The same LoRA as trained on fused qkv_proj / gate_up_proj (A shared by the shards, B
-    stacked), as a checkpoint of a model with fused projections would hold it."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(unfused / "adapter_model.safetensors")
-    fused = {}
-    for name in [n for n in tensors if ".q_proj.lora_A" in n or ".gate_proj.lora_A" in n]:
-        shards = ["q_proj", "k_proj", "v_proj"] if "q_proj" in name else ["gate_proj", "up_proj"]
-        target = "qkv_proj" if "q_proj" in name else "gate_up_proj"
-        fused[name.replace(shards[0], target)] = tensors[name]
-        fused[name.replace(shards[0], target).replace("lora_A", "lora_B")] = torch.cat(
-            [tensors[name.replace(shards[0], s).replace("lora_A", "lora_B")] for s in shards])
-    for name in [n for n in tensors if ".o_proj." in n or ".down_proj." in n]:
-        fused[name] = tensors[name]
-    out.mkdir()
-    save_file(fused, out / "adapter_model.safetensors")
-    config = json.loads((unfused / "adapter_config.json").read_text())
-    (out / "adapter_config.json").write_text(json.dumps(config))
-    return out
-
-
 def test_an_adapter_trained_on_fused_projections_maps_onto_ours(setup, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     model_dir, _, reference = setup
-    shared = save_random_lora(model_dir, tmp_path / "shared", 8, ATTENTION + MLP, seed=9)
-    # one A for the shards of each fused projection, as a fused-trained LoRA has
-    tensors = load_file(shared / "adapter_model.safetensors")
-    for name in list(tensors):
-        for first, others in (("q_proj", ("k_proj", "v_proj")), ("gate_proj", ("up_proj",))):
-            if f".{first}.lora_A" in name:
-                for other in others:
-                    tensors[name.replace(first, other)] = tensors[name].clone()
-    save_file(tensors, shared / "adapter_model.safetensors")
-    fused = _fuse(shared, tmp_path / "fused")
+    shared, fused = save_fused_lora(model_dir, tmp_path, 8, seed=9)
     config = EngineConfig(model_id=str(model_dir), max_lora_rank=8)
     catalog = AdapterCatalog(config, ModelConfig.from_dir(model_dir))
     engine = Engine(config, model_dir)
