@@ -112,7 +112,10 @@ def perf_analyzer(args, artifacts: Path) -> dict:
     env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
         p for p in (str(perf_analyzer_libraries()), os.environ.get("LD_LIBRARY_PATH")) if p)}
     run(command, env)
-    return summarize_profile(json.loads(export.read_text()))
+    text = export.read_text()
+    if not text.strip():  # seen on a loaded 2-core machine; genai-perf's words for it
+        sys.exit(f"perf_analyzer left a zero-length, empty document at {export}")
+    return summarize_profile(json.loads(text))
 
 
 def summarize_profile(profile: dict) -> dict:

@@ -91,7 +91,7 @@ def merge_adapters(adapters: list[AdapterWeights], params: MergeParams,
             raise AdapterError(f"adapter_parameters: layer {key[0]} {key[1]} has different "
                                "ranks across the adapters (rank_pattern): cannot merge")
         weights = [w for _, w in having]
-        a = merge_tensors([p.a for p, _ in having], weights, params, generator)
-        b = merge_tensors([p.b for p, _ in having], weights, params, generator)
+        a = merge_tensors([p.a.float() for p, _ in having], weights, params, generator)
+        b = merge_tensors([p.b.float() for p, _ in having], weights, params, generator)
         pieces[key] = LoraPiece(first.target, a, b, first.scaling)
     return AdapterWeights(name, adapters[0].config, pieces)

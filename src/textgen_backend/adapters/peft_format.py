@@ -60,8 +60,8 @@ class LoraPiece:
     """One checkpoint projection's LoRA in our model: delta = scaling * B @ A, added to rows
     [target.offset, target.offset + target.size) of target.module's output."""
     target: ProjectionTarget
-    a: torch.Tensor          # [r, in_features]
-    b: torch.Tensor          # [size, r]
+    a: torch.Tensor          # [r, in_features], the checkpoint's dtype
+    b: torch.Tensor          # [size, r], the checkpoint's dtype
     scaling: float
 
     @property
@@ -201,6 +201,6 @@ def load_adapter(directory: Path, name: str, targets: dict[str, ProjectionTarget
     for (layer, projection), (a, b) in layout.items():
         target = targets[projection]
         module_path = f"model.layers.{layer}.{target.module.split('.')[0]}.{projection}"
-        pieces[(layer, projection)] = LoraPiece(target, a.float(), b.float(),
+        pieces[(layer, projection)] = LoraPiece(target, a, b,
                                                 config.scaling(module_path, a.shape[0]))
     return AdapterWeights(name, config, pieces)

@@ -57,36 +57,48 @@ class AdapterSlots:
                                          device)
                 setattr(parent, leaf, wrapped)
                 self.projections[f"layers.{index}.{module}"] = wrapped
+        # One slot's worth of host memory, pinned on a GPU, where an adapter is laid out as its
+        # slot holds it before asynchronous copies move it: one pass over the weights on the
+        # host, no synchronous copy per tensor and no zeroing kernels on the device.
+        sizes = [n for p in self.projections.values()
+                 for n in (p.a_slots[0].numel(), p.b_slots[0].numel())]
+        self._staging = torch.empty(sum(sizes), dtype=dtype, pin_memory=device.type == "cuda")
+        parts = self._staging.split(sizes)
+        self._staged = {key: (parts[2 * i].view_as(p.a_slots[0]),
+                              parts[2 * i + 1].view_as(p.b_slots[0]))
+                        for i, (key, p) in enumerate(self.projections.items())}
 
     def write(self, slot: int, adapter: AdapterWeights) -> None:
         """Fills a free slot (the forward never reads it meanwhile: no running sequence uses
-        it); the scaling goes into B. Shard i of a fused projection takes ranks
-        [i * R, i * R + r). Returns once the slot is written."""
-        if self._stream is None:
-            self._write(slot, adapter)
-            return
-        with torch.cuda.stream(self._stream):
-            self._write(slot, adapter)
-        self._stream.synchronize()
-
-    def _write(self, slot: int, adapter: AdapterWeights) -> None:
-        self.clear(slot)
+        it); the scaling goes into B, computed in float32 and rounded once. Shard i of a fused
+        projection takes ranks [i * R, i * R + r). One caller at a time (the loader thread);
+        returns once the slot is written."""
+        shared = set()
+        self._staging.zero_()
         r_max = self.max_rank
         for (layer, name), piece in adapter.pieces.items():
             target = self.targets[name]
             a, b = piece.a, piece.b
             if self.layout is not None:
                 a, b = self.layout.shard_lora(name, a, b)
-            projection = self.projections[f"layers.{layer}.{target.module}"]
+            key = f"layers.{layer}.{target.module}"
+            a_staged, b_staged = self._staged[key]
             start, r = target.shard * r_max, piece.rank
             rows = slice(target.offset, target.offset + target.size)
-            projection.a_slots[slot, start:start + r].copy_(a)
-            projection.b_slots[slot, rows, start:start + r].copy_(b * piece.scaling)
-            if target.size == projection.out_features:  # its ranks serve every shard
-                projection.shared_ranks[slot] = 1
+            a_staged[start:start + r].copy_(a)
+            torch.mul(b.float(), piece.scaling, out=b_staged[rows, start:start + r])
+            if target.size == self.projections[key].out_features:  # ranks for every shard
+                shared.add(key)
+        if self._stream is None:
+            self._copy(slot, shared)
+            return
+        with torch.cuda.stream(self._stream):
+            self._copy(slot, shared)
+        self._stream.synchronize()  # the staging memory is rewritten by the next write
 
-    def clear(self, slot: int) -> None:
-        for projection in self.projections.values():
-            projection.a_slots[slot].zero_()
-            projection.b_slots[slot].zero_()
-            projection.shared_ranks[slot] = 0
+    def _copy(self, slot: int, shared: set[str]) -> None:
+        for key, projection in self.projections.items():
+            a_staged, b_staged = self._staged[key]
+            projection.a_slots[slot].copy_(a_staged, non_blocking=True)
+            projection.b_slots[slot].copy_(b_staged, non_blocking=True)
+            projection.shared_ranks[slot] = int(key in shared)
