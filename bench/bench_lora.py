@@ -4,7 +4,8 @@ projections, random too), one GPU, one run, four tables:
   1. decode ms per step at batch 64: the base model alone, then 1, 8 and 64 distinct adapters
   2. 1,000 ShareGPT-shaped requests in-process: no adapters vs 100 adapters (Zipf-distributed)
   3. loading a rank-16 adapter from local disk, and the decode steps that run during loads
-  4. the shrink / expand kernels against the bytes they must move (measured bandwidth)
+  4. the shrink / expand kernels, per token and per tile, against the bytes they must move
+     (measured bandwidth), on decode batches and a prefill
 
     python bench/bench_lora.py [--rank 16] [--batch 64] [--requests 1000] [--adapters 100]
 """
@@ -177,34 +178,48 @@ def loading(engine, catalog, directories, batch: int, context: int) -> dict:
 
 
 def kernels(rank: int, slots: int, batch: int, bandwidth: float) -> list[list]:
+    """Each projection's shrink and expand, per token and per tile (lora.TILE_MIN_TOKENS
+    decides between them in the server), on a decode batch with 1, 8 and `batch` distinct
+    adapters and on a 2,048-token prefill of 8 prompts."""
     import triton.testing
 
-    from textgen_kernels.lora import lora_expand, lora_shrink
+    from textgen_kernels import lora
 
-    rows = []
+    shapes = [(batch, distinct, "decode") for distinct in (1, 8, batch)] + [(2048, 8, "prefill")]
+    default_threshold, rows = lora.TILE_MIN_TOKENS, []
     projections = {"qkv_proj": (4096, (0, 4096, 5120, 6144)), "o_proj": (4096, (0, 4096)),
                    "gate_up_proj": (4096, (0, 14336, 28672)), "down_proj": (14336, (0, 4096))}
     for name, (k, columns) in projections.items():
         n, starts, shards = columns[-1], columns[:-1], len(columns) - 1
         r = shards * rank
         shared = torch.zeros(slots, dtype=torch.int32, device="cuda")  # per-shard ranks
-        for distinct in (1, 8, 64):
-            x = torch.randn(batch, k, dtype=torch.bfloat16, device="cuda")
-            a = torch.randn(slots, r, k, dtype=torch.bfloat16, device="cuda")
-            b = torch.randn(slots, n, r, dtype=torch.bfloat16, device="cuda")
-            slot_of = (torch.arange(batch, device="cuda") % distinct).int()
-            out = torch.randn(batch, n, dtype=torch.bfloat16, device="cuda")
-            h = lora_shrink(x, a, slot_of)
-            shrink_ms = triton.testing.do_bench(lambda: lora_shrink(x, a, slot_of, out=h),
-                                                return_mode="median")
-            expand_ms = triton.testing.do_bench(
-                lambda: lora_expand(out, h, b, slot_of, starts, shared), return_mode="median")
-            # what must move: each distinct adapter's A (B: its shard's ranks), x / out, h
-            shrink_bytes = 2 * (distinct * r * k + batch * k) + 4 * h.numel()
-            expand_bytes = 2 * (distinct * n * rank + 2 * batch * n) + 4 * h.numel()
-            rows.append([name, distinct, h.shape[0], f"{1e3 * shrink_ms:.1f}",
+        a = torch.randn(slots, r, k, dtype=torch.bfloat16, device="cuda")
+        b = torch.randn(slots, n, r, dtype=torch.bfloat16, device="cuda")
+        for tokens, distinct, kind in shapes:
+            x = torch.randn(tokens, k, dtype=torch.bfloat16, device="cuda")
+            out = torch.randn(tokens, n, dtype=torch.bfloat16, device="cuda")
+            rows_per_prompt = 1 if kind == "decode" else tokens // distinct
+            slot_of = (torch.arange(tokens, device="cuda") // rows_per_prompt % distinct).int()
+            times = {}
+            for path, threshold in (("per token", 10**9), ("tiles", 1)):
+                lora.TILE_MIN_TOKENS = threshold
+                h = lora.lora_shrink(x, a, slot_of)
+                times[path] = (
+                    triton.testing.do_bench(lambda: lora.lora_shrink(x, a, slot_of, out=h),
+                                            return_mode="median"),
+                    triton.testing.do_bench(
+                        lambda: lora.lora_expand(out, h, b, slot_of, starts, shared),
+                        return_mode="median"))
+            lora.TILE_MIN_TOKENS = default_threshold
+            # what must move: each distinct adapter's A (B: its shard's ranks), x and out
+            shrink_bytes = 2 * (distinct * r * k + tokens * k)
+            expand_bytes = 2 * (distinct * n * rank + 2 * tokens * n)
+            shrink_ms = min(t[0] for t in times.values())
+            expand_ms = min(t[1] for t in times.values())
+            rows.append([name, kind, tokens, distinct,
+                         " / ".join(f"{1e3 * t[0]:.1f}" for t in times.values()),
                          f"{100 * shrink_bytes / (shrink_ms / 1e3) / bandwidth:.0f}%",
-                         f"{1e3 * expand_ms:.1f}",
+                         " / ".join(f"{1e3 * t[1]:.1f}" for t in times.values()),
                          f"{100 * expand_bytes / (expand_ms / 1e3) / bandwidth:.0f}%"])
     return rows
 
@@ -280,8 +295,9 @@ def main():
     release_gpu_memory()
     print_table(f"Kernels, batch {args.batch} ({slots} slots; % of "
                 f"{ceilings['bandwidth'] / 1e12:.2f} TB/s measured)",
-                ["projection", "distinct adapters", "K splits", "shrink us", "of bandwidth",
-                 "expand us", "of bandwidth"],
+                ["projection", "step", "tokens", "distinct adapters",
+                 "shrink us, per token / tiles", "of bandwidth (faster)",
+                 "expand us, per token / tiles", "of bandwidth (faster)"],
                 kernels(args.rank, slots, args.batch, ceilings["bandwidth"]))
 
 
