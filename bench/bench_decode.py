@@ -12,18 +12,20 @@ import random
 
 import torch
 
-from common import (LLAMA3_8B, Timer, hf_llama3_8b, kv_bytes_per_token, llama3_8b_dir,
-                    measure_ceilings, param_bytes, print_table, release_gpu_memory, time_decode)
+from common import (LLAMA3_8B, Timer, decode_headroom, hf_llama3_8b, kv_bytes_per_token,
+                    llama3_8b_dir, measure_ceilings, param_bytes, print_table,
+                    release_gpu_memory, time_decode)
 
 
 def engine_decode_ms(batches, context, steps, max_batch):
     from textgen_backend.config import EngineConfig
     from textgen_backend.engine.engine import Engine
 
-    total = context + steps + 16
+    prefill_tokens = max(8192, context)
+    total = context + steps + decode_headroom(max_batch, context, prefill_tokens)
     config = EngineConfig(model_id=str(llama3_8b_dir()), load_format="dummy", dtype="bfloat16",
                           max_input_tokens=context, max_total_tokens=total,
-                          max_batch_prefill_tokens=max(8192, context),
+                          max_batch_prefill_tokens=prefill_tokens,
                           max_batch_total_tokens=max_batch * total,
                           # every sequence joins before timing starts (see bench/RESULTS.md)
                           waiting_served_ratio=0.0)

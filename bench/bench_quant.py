@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.testing
 
-from common import (LLAMA3_8B, Timer, kv_bytes_per_token, llama3_8b_dir, measure_ceilings,
-                    print_table, release_gpu_memory, time_decode)
+from common import (LLAMA3_8B, Timer, decode_headroom, kv_bytes_per_token, llama3_8b_dir,
+                    measure_ceilings, print_table, release_gpu_memory, time_decode)
 from textgen_kernels import quant_matmul as qm
 
 SHAPES = {"qkv_proj": (4096, 6144), "o_proj": (4096, 4096), "gate_up_proj": (4096, 28672),
@@ -178,11 +178,11 @@ def engine_decode_ms(quantize, batches, context, steps):
     from textgen_backend.config import EngineConfig
     from textgen_backend.engine.engine import Engine
 
-    total = context + steps + 16
-    max_batch = max(batches)
+    max_batch, prefill_tokens = max(batches), max(8192, context)
+    total = context + steps + decode_headroom(max_batch, context, prefill_tokens)
     config = EngineConfig(model_id=str(llama3_8b_dir()), load_format="dummy", dtype="bfloat16",
                           quantize=quantize, max_input_tokens=context, max_total_tokens=total,
-                          max_batch_prefill_tokens=max(8192, context),
+                          max_batch_prefill_tokens=prefill_tokens,
                           max_batch_total_tokens=max_batch * total, waiting_served_ratio=0.0,
                           cuda_graphs=",".join(str(b) for b in batches))
     with Timer() as load:
