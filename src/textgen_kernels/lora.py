@@ -120,6 +120,21 @@ def _lora_shrink_kernel(
 
 
 @triton.jit
+def _rank_range(n0, slot, shared_ptr, R, START1, START2, SHARD_R, SHARDED: tl.constexpr):
+    """The ranks of B that output columns from n0 on (one shard) read for `slot`: all R, or,
+    SHARDED and unless shared[slot] is 1, the shard's own SHARD_R (shards start at columns 0,
+    START1, START2)."""
+    r_start = n0 * 0
+    r_end = r_start + R
+    if SHARDED:
+        own = 1 - tl.load(shared_ptr + slot)  # 1: this shard's ranks only
+        shard = (n0 >= START1).to(tl.int32) + (n0 >= START2).to(tl.int32)
+        r_start = own * shard * SHARD_R
+        r_end = r_start + SHARD_R + (1 - own) * (R - SHARD_R)
+    return r_start, r_end
+
+
+@triton.jit
 def _lora_expand_kernel(
     out_ptr, h_ptr, b_ptr, slot_ptr, shared_ptr,
     N, R, SPLITS, START1, START2, SHARD_R, stride_out, stride_hs, stride_h, stride_bs,
@@ -139,13 +154,7 @@ def _lora_expand_kernel(
     n0 = tl.program_id(1) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    r_start = n0 * 0
-    r_end = r_start + R
-    if SHARDED:
-        own = 1 - tl.load(shared_ptr + slot)  # 1: this shard's ranks only
-        shard = (n0 >= START1).to(tl.int32) + (n0 >= START2).to(tl.int32)
-        r_start = own * shard * SHARD_R
-        r_end = r_start + SHARD_R + (1 - own) * (R - SHARD_R)
+    r_start, r_end = _rank_range(n0, slot, shared_ptr, R, START1, START2, SHARD_R, SHARDED)
     h_row = h_ptr + tok * stride_h
     b_tile = b_ptr + slot * stride_bs + offs_n[:, None].to(tl.int64) * stride_bn
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -217,16 +226,10 @@ def _lora_expand_tiles_kernel(
     remaining = slots
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     h_rows = h_ptr + offs_t[:, None].to(tl.int64) * stride_h
-    shard = (n0 >= START1).to(tl.int32) + (n0 >= START2).to(tl.int32)
     while tl.max(remaining, axis=0) >= 0:
         slot = tl.max(remaining, axis=0)
         rows = remaining == slot
-        r_start = n0 * 0
-        r_end = r_start + R
-        if SHARDED:
-            own = 1 - tl.load(shared_ptr + slot)  # 1: this shard's ranks only
-            r_start = own * shard * SHARD_R
-            r_end = r_start + SHARD_R + (1 - own) * (R - SHARD_R)
+        r_start, r_end = _rank_range(n0, slot, shared_ptr, R, START1, START2, SHARD_R, SHARDED)
         b_cols = b_ptr + slot.to(tl.int64) * stride_bs + offs_n[None, :].to(tl.int64) * stride_bn
         for r0 in range(r_start, r_end, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)

@@ -1,7 +1,10 @@
 """lora_shrink / lora_expand (Triton) against their pure-torch references."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-import triton
 
 from textgen_kernels import lora
 
@@ -235,33 +238,45 @@ def test_lora_expand_reads_each_shards_own_ranks(rand, assert_close, device, dty
     assert torch.equal(ref[slots == 1], unsharded[slots == 1])
 
 
+# Run in a process of its own: under TRITON_INTERPRET the kernels (and the helpers they call)
+# are interpreted functions, which Triton's compiler does not take.
+_COMPILE_FOR_HOPPER = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from textgen_kernels import lora
+
+dtype = sys.argv[1]
+kernels = {
+    lora._lora_shrink_kernel: {"BLOCK_R": 64, "BLOCK_K": 128},
+    lora._lora_expand_kernel: {"BLOCK_N": 128, "BLOCK_R": 16, "SHARDED": True},
+    lora._lora_shrink_tiles_kernel: {"BLOCK_T": 32, "BLOCK_R": 64, "BLOCK_K": 128,
+                                     "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"},
+    lora._lora_expand_tiles_kernel: {"BLOCK_T": 32, "BLOCK_N": 64, "BLOCK_R": 16,
+                                     "SHARDED": True},
+}
+pointers = {"h_ptr": "*fp32", "slot_ptr": "*i32", "shared_ptr": "*i32"}
+for kernel, constexprs in kernels.items():
+    signature = {name: "constexpr" if name in constexprs
+                 else pointers.get(name, f"*{dtype}") if name.endswith("_ptr") else "i32"
+                 for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["ptx"], kernel
+"""
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_lora_kernels_compile_for_hopper(dtype):
     """The CPU runs the kernels interpreted, which never compiles them: Triton's own compiler
     (its bundled ptxas) builds each one for sm_90 here, so a kernel that cannot compile fails
     before a GPU run does."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    kernels = {
-        lora._lora_shrink_kernel: {"BLOCK_R": 64, "BLOCK_K": 128},
-        lora._lora_expand_kernel: {"BLOCK_N": 128, "BLOCK_R": 16, "SHARDED": True},
-        lora._lora_shrink_tiles_kernel: {"BLOCK_T": 32, "BLOCK_R": 64, "BLOCK_K": 128,
-                                         "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"},
-        lora._lora_expand_tiles_kernel: {"BLOCK_T": 32, "BLOCK_N": 64, "BLOCK_R": 16,
-                                         "SHARDED": True},
-    }
-    for kernel, constexprs in kernels.items():
-        jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
-        pointers = {"h_ptr": "*fp32", "slot_ptr": "*i32", "shared_ptr": "*i32"}
-        signature = {name: "constexpr" if name in constexprs
-                     else pointers.get(name, f"*{dtype}") if name.endswith("_ptr") else "i32"
-                     for name in jit.arg_names}
-        compiled = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32))
-        assert compiled.asm["ptx"], kernel
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, dtype], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 @pytest.mark.gpu
