@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (LLAMA3_8B, Timer, decode_step_ms, llama3_8b_dir, measure_ceilings,
-                    print_table, release_gpu_memory, sharegpt_workload, step)
+from common import (LLAMA3_8B, Timer, decode_step_ms, kv_bytes_per_token, llama3_8b_dir,
+                    measure_ceilings, print_table, release_gpu_memory, sharegpt_workload, step)
 
 PROJECTIONS = {"self_attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
                "mlp": ["gate_proj", "up_proj", "down_proj"]}
@@ -49,9 +49,7 @@ def step_bytes(engine, batch: int, context: int) -> int:
     weights = sum(p.numel() * p.element_size()
                   for name, p in engine.runner.model.named_parameters()
                   if "embed_tokens" not in name)
-    c = LLAMA3_8B
-    kv_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * 2
-    return weights + batch * context * kv_per_token
+    return weights + batch * context * kv_bytes_per_token(LLAMA3_8B)
 
 
 def write_adapters(root: Path, count: int, rank: int) -> list[Path]:
