@@ -1,6 +1,9 @@
 """Tensor parallelism on the CPU (gloo, one process per shard): which part of each weight a rank
 holds, and the sharded engine token-exact to transformers for every family, with fewer KV heads
 than shards, under preemption; prompt details and seeded sampling equal to one shard."""
+import threading
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -9,6 +12,8 @@ from textgen_backend.config import EngineConfig
 from textgen_backend.engine.engine import Engine
 from textgen_backend.engine.sequence import Sequence
 from textgen_backend.models.config import ModelConfig
+from textgen_backend.parallel import group as group_module
+from textgen_backend.parallel.group import ShardGroup
 from textgen_backend.parallel.layout import ShardLayout
 from textgen_backend.sampling.params import DetailsParams, SamplingParams, StoppingParams
 from tiny_models import build_tiny_model
@@ -312,3 +317,22 @@ def test_soft_prompts_and_speculation_equal_one_shard(tmp_path):
     assert outputs[2] == outputs[1]
     assert outputs[2][0] != outputs[2][1]  # the soft prompt changes the answer
     assert accepted[2] == accepted[1] > 0
+
+
+def test_a_call_that_fails_as_a_worker_dies_reports_the_exit_not_the_broken_connection(
+        monkeypatch):
+    """A killed worker's peers see a reset connection before its watcher's wait() returns: the
+    failure reported must still be the exit (CI once saw 'the ranks are out of step')."""
+    monkeypatch.setattr(group_module, "_EXIT_GRACE_SECONDS", 1.0)
+    reports = []
+    group = object.__new__(ShardGroup)  # the failure path only: no processes to start
+    worker = SimpleNamespace(returncode=None)
+    group.size, group.workers, group._closing = 2, [worker], False
+    group._reporting, group.on_failure = threading.Lock(), reports.append
+    threading.Timer(0.3, lambda: setattr(worker, "returncode", -9)).start()
+    group.call_failed("forward", RuntimeError("Connection reset by peer"))
+    assert reports == ["tensor-parallel worker 1 of 2 exited (exit code -9)"]
+
+    worker.returncode = None  # no worker exits: rank 0's own error is the cause
+    group.call_failed("forward", RuntimeError("boom"))
+    assert "forward failed on rank 0 (RuntimeError: boom)" in reports[1]

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -32,6 +33,9 @@ logger = logging.getLogger("textgen")
 # Workers wait for the next call for as long as the server is idle; a rank that dies is noticed
 # by its process exiting (ShardGroup's watchers), not by a collective timing out.
 _NO_TIMEOUT = timedelta(days=365)
+# A worker's death reaches rank 0's collective (a reset connection) before its watcher's wait()
+# returns: a call that fails waits this long for an exit to report as the cause.
+_EXIT_GRACE_SECONDS = 5.0
 
 
 def world_size(config: EngineConfig) -> int:
@@ -102,9 +106,7 @@ def collective(method):
         try:
             return method(runner, *args)
         except Exception as exc:
-            runner.shards.on_failure(f"{method.__name__} failed on rank 0 "
-                                     f"({type(exc).__name__}: {exc}); the tensor-parallel "
-                                     "ranks are out of step")
+            runner.shards.call_failed(method.__name__, exc)
             raise
     return call
 
@@ -134,6 +136,7 @@ class ShardGroup:
         port = config.master_port or _free_port(config.master_addr)
         self.size = size
         self.on_failure = _exit_engine
+        self._reporting = threading.Lock()  # one failure is reported: the process then exits
         self._closing = False
         self._mailbox = Mailbox.create(readers=size - 1)
         self.workers = [subprocess.Popen(
@@ -151,10 +154,29 @@ class ShardGroup:
                     dist.get_backend(), [w.pid for w in self.workers])
 
     def _watch(self, rank: int, worker: subprocess.Popen) -> None:
-        code = worker.wait()
+        worker.wait()
         if not self._closing:
-            self.on_failure(f"tensor-parallel worker {rank} of {self.size} exited "
-                            f"(exit code {code})")
+            self._report(self._exited(rank, worker))
+
+    def call_failed(self, name: str, exc: Exception) -> None:
+        """A collective call raised on rank 0: the cause is a worker's exit if one shows within
+        the grace period, else the ranks are out of step."""
+        deadline = time.monotonic() + _EXIT_GRACE_SECONDS
+        while time.monotonic() < deadline:
+            for rank, worker in enumerate(self.workers, start=1):
+                if worker.returncode is not None:  # set by its watcher's wait()
+                    return self._report(self._exited(rank, worker))
+            time.sleep(0.05)
+        self._report(f"{name} failed on rank 0 ({type(exc).__name__}: {exc}); the "
+                     "tensor-parallel ranks are out of step")
+
+    def _exited(self, rank: int, worker: subprocess.Popen) -> str:
+        return (f"tensor-parallel worker {rank} of {self.size} exited "
+                f"(exit code {worker.returncode})")
+
+    def _report(self, message: str) -> None:
+        with self._reporting:
+            self.on_failure(message)
 
     def send(self, name: str, args: tuple) -> None:
         self._mailbox.send((name, args), self._calls,
