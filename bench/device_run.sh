@@ -24,6 +24,7 @@ for bench in "$@"; do
     throughput) run throughput 400 bench_throughput.py --skip hf,triton ;;
     gpu-tests) run gpu-tests 560 -m pytest -q -p no:cacheprovider -m gpu \
                  ../tests/gpu/test_gpu_parity.py ../tests/gpu/test_lora_parity.py \
+                 ../tests/gpu/test_no_compile_while_serving.py \
                  ../tests/kernels/test_lora.py ;;
     lora) run lora 340 bench_lora.py ;;
     grammar) run grammar 150 bench_grammar.py --tokenizer ../.carry/demo-tokenizer ;;

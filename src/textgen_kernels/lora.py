@@ -278,6 +278,20 @@ def _row_blocks(num_tokens: int) -> int:
     return num_tokens if num_tokens < TILE_MIN_TOKENS else triton.cdiv(num_tokens, TILE_T)
 
 
+def compile_token_counts(max_tokens: int) -> list[int]:
+    """Token counts whose launches reach every variant Triton compiles of these kernels up to
+    max_tokens. The count picks the path (tiles from TILE_MIN_TOKENS) and the K splits (a
+    power of 2 that changes only past powers of 2 of the count); Triton specializes integer
+    arguments (the count on the tiles, h's row stride count x rank) on == 1 and divisibility
+    by 16. So: each power of 2 and, past it, an odd count, one of 8 mod 16 (count x rank
+    divisible by 16 for any even rank, the count not) and one divisible by 16."""
+    counts, n = {max_tokens}, 1
+    while n <= max_tokens:
+        counts.update(c for c in (n, n + 1, n + 8, n + 16) if c <= max_tokens)
+        n *= 2
+    return sorted(counts)
+
+
 def lora_shrink_splits(num_tokens: int, k: int, rank: int) -> int:
     """How many K splits lora_shrink uses for these sizes (a power of 2, at least one
     BLOCK_K of inputs each): its output is [splits, T, R]."""

@@ -2,6 +2,7 @@
 targets: each row equals PEFT's greedy answer for its adapter alone (float32, CPU)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from textgen_backend.engine.engine import Engine
 from textgen_backend.engine.sequence import Sequence
 from textgen_backend.models.config import ModelConfig
 from textgen_backend.sampling.params import SamplingParams, StoppingParams
+from textgen_kernels.lora import TILE_MIN_TOKENS, compile_token_counts, lora_shrink_splits
 from tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.unit
@@ -170,3 +172,52 @@ def test_hub_adapters_resolve_offline_from_the_hub_cache(setup, tmp_path):
     assert Path(ref.directories[0]) == snapshot.resolve() or Path(ref.directories[0]) == snapshot
     with pytest.raises(AdapterError, match="never downloaded"):
         catalog.resolve("someone/elsewhere", "hub", "")
+
+
+def test_compiling_the_kernels_runs_each_projection_shape_at_each_variant_count(setup):
+    """What the engine runs at start on the GPU so that the first adapter request compiles
+    nothing (tests/gpu/test_no_compile_while_serving.py checks that there): every projection
+    shape, every token count of compile_token_counts, rows of no adapter, slots untouched."""
+    model_dir, _, _ = setup
+    config = EngineConfig(model_id=str(model_dir), max_active_adapters=2, max_lora_rank=16,
+                          adapter_source="local")
+    slots = Engine(config, model_dir).runner.adapter_slots
+    calls = []
+    for projection in slots.projections.values():
+        def shrink(x, a_slots, slot_of_token, shrink=projection.ops.lora_shrink,
+                   p=projection):
+            calls.append((x.shape[0], p.in_features, p.out_features, p.shard_starts,
+                          set(slot_of_token.tolist())))
+            return shrink(x, a_slots, slot_of_token)
+        projection.ops = dataclasses.replace(projection.ops, lora_shrink=shrink)
+    before = {key: (p.a_slots.clone(), p.b_slots.clone())
+              for key, p in slots.projections.items()}
+    slots.compile_kernels(300)
+    shapes = {(p.in_features, p.out_features, p.shard_starts)
+              for p in slots.projections.values()}
+    assert len(shapes) >= 3  # qkv, o / down, gate_up on the tiny model
+    assert sorted({(c[0], *c[1:4]) for c in calls}) == sorted(
+        (count, *shape) for count in compile_token_counts(300) for shape in shapes)
+    assert all(c[4] == {-1} for c in calls)
+    for key, p in slots.projections.items():
+        for now, then in zip((p.a_slots, p.b_slots), before[key]):  # uninitialized: NaNs
+            assert torch.equal(now.view(torch.uint8), then.view(torch.uint8))
+
+
+def test_the_compile_counts_reach_every_variant_any_token_count_reaches():
+    """A variant: the path (per token or tiles), the K splits, and the classes Triton
+    specializes integers on (== 1, divisible by 16, other) of h's row stride (count x rank)
+    and, on the tiles (their only launches given the count), of the count; for Llama-3-8B's
+    widths and ranks 3 to 48."""
+    def variant(count, k, rank):
+        def kind(n):
+            return "one" if n == 1 else "16" if n % 16 == 0 else "other"
+        tiles = count >= TILE_MIN_TOKENS
+        return (tiles, lora_shrink_splits(count, k, rank), kind(count) if tiles else None,
+                kind(count * rank))
+    for max_tokens in (300, 1000, 8192):
+        counts = compile_token_counts(max_tokens)
+        assert counts[0] == 1 and counts[-1] == max_tokens
+        for k, rank in ((4096, 16), (14336, 16), (4096, 48), (4096, 8), (4096, 4), (4096, 12), (4096, 3)):
+            assert ({variant(c, k, rank) for c in counts}
+                    == {variant(c, k, rank) for c in range(1, max_tokens + 1)})

@@ -231,6 +231,8 @@ class Engine:
                 self.runner.execute(SchedulerOutput(seqs, is_prefill=True))
         if self.limits.chunked_prefill:
             self._compile_mixed_step()
+        if self.adapters is not None:
+            self.runner.compile_adapter_kernels(self.limits.max_batch_prefill_tokens)
         logger.info("[textgen] prefill kernels compiled in %.1fs", time.monotonic() - started)
 
     def _compile_mixed_step(self) -> None:

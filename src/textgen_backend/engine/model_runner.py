@@ -152,6 +152,10 @@ class ModelRunner:
             self.kv_caches.append((attn.k_cache, attn.v_cache))
 
     @collective
+    def compile_adapter_kernels(self, max_tokens: int) -> None:
+        self.adapter_slots.compile_kernels(max_tokens)
+
+    @collective
     def capture_cuda_graphs(self, decode_batch_sizes: tuple[int, ...],
                             prefill_shapes: list[VarlenShape], verify_shapes: list[VarlenShape],
                             max_blocks_per_seq: int) -> None:

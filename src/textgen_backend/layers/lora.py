@@ -46,6 +46,11 @@ class LoraProjection(nn.Module):
         slots = self.batch.slot_of_token
         if slots is None:
             return out
-        h = self.ops.lora_shrink(x, self.a_slots, slots)
-        return self.ops.lora_expand(out, h, self.b_slots, slots, self.shard_starts,
+        return self.add_deltas(out, x, slots)
+
+    def add_deltas(self, out: torch.Tensor, x: torch.Tensor,
+                   slot_of_token: torch.Tensor) -> torch.Tensor:
+        """out += B[slot] @ A[slot] @ x for each token with a slot (in place)."""
+        h = self.ops.lora_shrink(x, self.a_slots, slot_of_token)
+        return self.ops.lora_expand(out, h, self.b_slots, slot_of_token, self.shard_starts,
                                     self.shared_ranks)
