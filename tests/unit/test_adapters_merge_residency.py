@@ -132,3 +132,41 @@ def test_loading_eviction_and_cycling():
     settle(residency.poll, lambda: residency._loading)
     assert residency.ready(_ref("e"))   # the freed slot was usable
     residency.shutdown()
+
+
+def test_preloaded_adapters_leave_a_slot_for_the_others():
+    """Preloaded adapters never leave: had they filled every slot, a request naming any other
+    adapter would wait for one forever."""
+    residency = AdapterResidency(_Slots(2), lambda ref: SimpleNamespace(name=ref.name), 2.0)
+    residency.preload(_ref("pinned"))
+    with pytest.raises(ValueError, match="at most 1, so that one slot stays for adapters "
+                                         "loaded on demand"):
+        residency.preload(_ref("second"))
+    other = _ref("other")
+    assert not residency.ready(other)
+    settle(residency.poll, lambda: residency._loading)
+    assert residency.ready(other) and residency.ready(_ref("pinned"))
+    residency.shutdown()
+
+
+def test_eviction_takes_the_least_recently_used_idle_adapter():
+    clock = [0.0]
+    slots = _Slots(3)
+    residency = AdapterResidency(slots, lambda ref: SimpleNamespace(name=ref.name), 100.0,
+                                 clock=lambda: clock[0])
+    refs = {name: _ref(name) for name in "abcd"}
+    for name in "abc":
+        residency.ready(refs[name])
+    settle(residency.poll, lambda: residency._loading)
+    for name, used_at in (("b", 1.0), ("a", 2.0), ("c", 3.0)):  # b is the least recent
+        clock[0] = used_at
+        residency.acquire(refs[name])
+        residency.release(refs[name])
+    clock[0] = 4.0
+    residency.poll()  # nobody asked for a, b or c since: all three are idle
+    assert not residency.ready(refs["d"])
+    settle(residency.poll, lambda: residency._loading)
+    assert residency.ready(refs["d"])
+    assert residency.ready(refs["a"]) and residency.ready(refs["c"])
+    assert not residency.ready(refs["b"])
+    residency.shutdown()

@@ -82,9 +82,13 @@ class AdapterResidency:
         """Loads an adapter now, for good (--adapter-id)."""
         if ref.key in self._resident:
             return
-        if not self._free:
-            raise ValueError(f"--adapter-id names more adapters than the {self.slots.num_slots} "
-                             "adapter slots")
+        if len(self._free) < 2:  # preloaded adapters never leave: requests naming any other
+            # adapter would wait for a slot forever
+            raise ValueError(f"--adapter-id names too many adapters for the "
+                             f"{self.slots.num_slots} adapter slots: at most "
+                             f"{self.slots.num_slots - 1}, so that one slot stays for adapters "
+                             "loaded on demand (raise --max-active-adapters or "
+                             "--adapter-memory-fraction)")
         slot = self._free.pop()
         self._load_into(ref, slot, self._begin_on_shards(ref, slot))
         now = self._clock()
