@@ -221,3 +221,36 @@ def test_the_compile_counts_reach_every_variant_any_token_count_reaches():
         for k, rank in ((4096, 16), (14336, 16), (4096, 48), (4096, 8), (4096, 4), (4096, 12), (4096, 3)):
             assert ({variant(c, k, rank) for c in counts}
                     == {variant(c, k, rank) for c in range(1, max_tokens + 1)})
+
+
+def test_an_adapter_retrained_in_place_is_served_anew(setup, tmp_path):
+    """The same directory with new weights is a new adapter: not the slot loaded before, and
+    not the prefix cache's KV of the old weights (the prompt spans full blocks)."""
+    import os
+    import shutil
+
+    model_dir, _, reference = setup
+    first = save_random_lora(model_dir, tmp_path / "first", 8, ATTENTION, seed=5)
+    second = save_random_lora(model_dir, tmp_path / "second", 8, ATTENTION, seed=6)
+    served = tmp_path / "served"
+    shutil.copytree(first, served)
+    config = EngineConfig(model_id=str(model_dir), max_active_adapters=4, max_lora_rank=16,
+                          adapter_source="local")
+    engine = Engine(config, model_dir)
+    catalog = AdapterCatalog(config, ModelConfig.from_dir(model_dir))
+    prompt = list(range(3, 43))
+    outputs = []
+    for seq_id, trained in enumerate((first, second)):
+        if seq_id:
+            shutil.rmtree(served)
+            shutil.copytree(trained, served)
+            later = os.stat(first).st_mtime + 10  # whatever the file system's mtime grain
+            for path in [served, *served.iterdir()]:
+                os.utime(path, (later, later))
+        seq = Sequence(seq_id, prompt, SamplingParams(),
+                       StoppingParams(max_tokens=8, ignore_eos=True),
+                       adapter=catalog.resolve(str(served), "local", ""))
+        outputs.append(_run(engine, [seq])[seq_id])
+    expected = [reference.greedy(first, prompt, 8), reference.greedy(second, prompt, 8)]
+    assert expected[0] != expected[1]
+    assert outputs == expected

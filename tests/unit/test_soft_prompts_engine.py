@@ -169,3 +169,32 @@ def test_the_prefix_cache_keeps_soft_prompts_and_adapters_apart(setup):
     # the last one, a repeat of the fourth, reused its first 3 blocks (12 of its 15 tokens)
     assert seqs[4].output_ids == seqs[3].output_ids
     assert engine.stats().prefix_cache_hit_tokens == 12
+
+
+def test_a_soft_prompt_retrained_in_place_is_served_anew(setup, tmp_path):
+    """Same id, new weights: neither the prompt cache's old embeddings nor the prefix cache's
+    KV of the old ones are served."""
+    import os
+
+    model_dir, _, _ = setup
+    config = EngineConfig(model_id=str(model_dir), prefix_store_path=str(tmp_path),
+                          block_size=4)
+    engine = Engine(config, model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt, outputs, expected = list(range(30, 45)), [], []
+    for seq_id, seed in enumerate((1, 2)):
+        saved = save_random_prompt_tuning(model_dir, tmp_path / "p", 4, seed=seed)
+        later = 1_000_000 + 10 * seq_id  # distinct whatever the file system's mtime grain
+        for path in saved.rglob("*"):
+            os.utime(path, (later, later))
+        seq = Sequence(seq_id, prompt, SamplingParams(),
+                       StoppingParams(max_tokens=8, ignore_eos=True),
+                       prefix=PrefixStore(str(tmp_path), 64).resolve("p"))
+        engine.add(seq)
+        while engine.has_work():
+            for out in engine.step():
+                assert out.error is None, out.error
+        outputs.append(seq.output_ids)
+        expected.append(greedy_after_soft_prompt(base, prompt_embeddings(saved), prompt, 8))
+    assert expected[0] != expected[1]
+    assert outputs == expected

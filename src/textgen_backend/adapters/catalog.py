@@ -27,16 +27,21 @@ _MERGE_KEYS = {"adapter_ids", "weights", "merge_strategy", "density", "majority_
 @dataclass(frozen=True)
 class AdapterRef:
     """The adapter a sequence runs with: one directory, or several merged. `key` identifies
-    its weights (what the engine loads once and shares); `name` is what the client called it."""
+    its weights (what the engine loads once and shares, and the prefix cache keys KV by):
+    the directories as their files were when checked (`versions`: each one's newest
+    modification time), so an adapter retrained in place is a new one; `name` is what the
+    client called it."""
     name: str
     directories: tuple[str, ...]
     merge: MergeParams | None = None
+    versions: tuple[float, ...] = ()
 
     @property
     def key(self) -> str:
-        if self.merge is None:
+        if self.merge is None and not self.versions:
             return self.directories[0]
-        return json.dumps([self.directories, self.merge.__dict__], sort_keys=True)
+        return json.dumps([self.directories, self.versions,
+                           self.merge.__dict__ if self.merge else None], sort_keys=True)
 
 
 class AdapterCatalog:
@@ -54,7 +59,8 @@ class AdapterCatalog:
             return self._merge(parameters, source)
         if not adapter_id:
             return None
-        return AdapterRef(adapter_id, (str(self._checked_directory(adapter_id, source)),))
+        directory = self._checked_directory(adapter_id, source)
+        return AdapterRef(adapter_id, (str(directory),), versions=(self._checked[directory][0],))
 
     def load(self, ref: AdapterRef) -> AdapterWeights:
         """The weights of a resolved adapter (merged when it names several), on the CPU."""
@@ -107,7 +113,8 @@ class AdapterCatalog:
                                f"{ranks}")
         params = MergeParams(strategy, tuple(float(w) for w in weights), float(density), sign,
                              seed)
-        return AdapterRef("+".join(ids), tuple(directories), params)
+        return AdapterRef("+".join(ids), tuple(directories), params,
+                          tuple(self._checked[Path(d)][0] for d in directories))
 
     def _checked_directory(self, adapter_id: str, source: str) -> Path:
         directory = self.directory_of(adapter_id, source)

@@ -33,14 +33,17 @@ class PrefixError(RequestError):
 
 @dataclass(frozen=True)
 class PrefixRef:
-    """A soft prompt a sequence starts with: `num_virtual_tokens` embeddings read from `path`."""
+    """A soft prompt a sequence starts with: `num_virtual_tokens` embeddings read from `path`,
+    as it was at `version` (its modification time when checked: a prompt retrained in place
+    is a new one, for the prompt cache and the prefix cache)."""
     prefix_id: str
     path: str
     num_virtual_tokens: int
+    version: float = 0.0
 
     @property
     def key(self) -> str:
-        return self.path
+        return f"{self.path}@{self.version}"
 
 
 def read_embeddings(path: Path) -> torch.Tensor:
@@ -72,7 +75,7 @@ class PrefixStore:
         cached = self._checked.get(path)
         if cached is None or cached[0] != mtime:
             self._checked[path] = (mtime, self._check(prefix_id, path))
-        return PrefixRef(prefix_id, str(path), self._checked[path][1])
+        return PrefixRef(prefix_id, str(path), self._checked[path][1], mtime)
 
     def _weights_file(self, prefix_id: str) -> Path:
         if (not _ID.fullmatch(prefix_id) or prefix_id.startswith("/") or
