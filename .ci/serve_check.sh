@@ -17,6 +17,16 @@ curl -sf localhost:8000/v2/models/ensemble/ready > /dev/null || fail "not ready 
 answer=$(.venv/bin/textgen-client --chat "What is the capital of France?")
 echo "textgen-client: $answer"
 grep -q "Paris" <<< "$answer" || fail "the answer does not name Paris"
+# The README's clients (OpenAI, huggingface_hub, TGI's, LoRAX's) against make serve's front end.
+for _ in $(seq 60); do curl -sf localhost:3000/health > /dev/null && break; sleep 1; done
+clients=$(.venv/bin/python -c '
+import pathlib, re
+readme = pathlib.Path("README.md").read_text()
+exec(next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "from openai import OpenAI" in b))
+') || fail "the README's clients failed against make serve's front end"
+echo "README clients: $clients"
+[ "$(grep -c Paris <<< "$clients")" = 2 ] && [ "$(grep -c . <<< "$clients")" = 5 ] \
+  || fail "the README's clients did not print two Paris answers and three others"
 kill -INT -- "-$job"  # Ctrl-C
 for _ in $(seq 120); do kill -0 "$job" 2>/dev/null || break; sleep 1; done
 kill -0 "$job" 2>/dev/null && fail "still running 120 s after Ctrl-C"

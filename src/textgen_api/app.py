@@ -6,17 +6,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hmac
+import logging
 import os
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textgen_api import openai_routes, tgi_routes
 from textgen_api.config import ApiConfig
 from textgen_api.errors import ApiError
 from textgen_client.aio import AsyncTextgenClient
+
+logger = logging.getLogger("textgen")
 
 
 def _error_response(path: str, error: ApiError) -> JSONResponse:
@@ -81,6 +85,18 @@ def create_app(config: ApiConfig) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
         return _error_response(request.url.path, error)
+
+    @app.exception_handler(StarletteHTTPException)  # unknown route (404), wrong method (405)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        kind = "not_found" if error.status_code == 404 else "invalid_request_error"
+        return _error_response(request.url.path, ApiError(error.status_code, str(error.detail),
+                                                          kind))
+
+    @app.exception_handler(Exception)  # a defect of ours: still the shape clients parse
+    async def internal_error(request: Request, error: Exception):
+        logger.exception("[textgen] front end error on %s", request.url.path)
+        return _error_response(request.url.path, ApiError(
+            500, f"internal error: {type(error).__name__}: {error}", "internal_error"))
 
     app.add_middleware(_Guard, config=config)
     if config.cors_allow_origin:  # outermost: preflights are answered before the key check

@@ -43,7 +43,11 @@ async def chunks(client: AsyncTextgenClient, prompts: list[str], validation_stat
                  **params) -> AsyncIterator[GenerationChunk]:
     """The ensemble's responses; closing this generator cancels the request."""
     params = {name: value for name, value in params.items() if value is not None}
-    async with contextlib.aclosing(client.stream(prompts, **params)) as responses:
+    try:
+        stream = client.stream(prompts, **params)
+    except TypeError as error:  # a parameter of the wrong type, named
+        raise ApiError(validation_status, str(error), "validation") from None
+    async with contextlib.aclosing(stream) as responses:
         try:
             async for chunk in responses:
                 yield chunk

@@ -1,5 +1,6 @@
-"""The ensemble's refusals as HTTP errors: overload -> 429, not serving -> 503, anything else
-the request's fault (TGI: 422, OpenAI: 400). Each API shapes the body its clients parse."""
+"""The ensemble's refusals as HTTP errors: overload -> 429, not serving (or not reachable) ->
+503, a gRPC stream that broke otherwise -> 502, anything else the request's fault (TGI: 422,
+OpenAI: 400). Each API shapes the body its clients parse."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,4 +24,6 @@ def from_ensemble(error: TextgenError, validation_status: int) -> ApiError:
     if ("shutting down" in lowered or "not running" in lowered or "unavailable" in lowered
             or "failed to connect" in lowered or "not ready" in lowered):
         return ApiError(503, message, "unavailable")
+    if "the grpc stream failed" in lowered:  # not the request's fault
+        return ApiError(502, message, "upstream")
     return ApiError(validation_status, message, "validation")

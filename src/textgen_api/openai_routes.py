@@ -56,6 +56,16 @@ def _adapter(body: dict, config: ApiConfig) -> dict:
     return {"adapter_id": model}  # LoRAX: any other model names an adapter
 
 
+def _int_field(body: dict, name: str, low: int, default: int | None = None) -> int | None:
+    """body[name], an integer >= low, or default when absent (null)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+            f"{name} must be an integer >= {low}, got {value!r}", name, VALIDATION)
+    return value
+
+
 def _refuse_unknown(body: dict, known: set[str]) -> None:
     for name, value in body.items():
         if name not in known | _METADATA and value not in (None, False, [], {}):
@@ -137,17 +147,27 @@ def router(config: ApiConfig) -> APIRouter:
                     "each message needs a role", "messages", VALIDATION)
             content = message.get("content") or ""
             if isinstance(content, list):  # content parts: the text ones
+                require(all(isinstance(p, dict) and isinstance(p.get("text", ""), str)
+                            for p in content),
+                        "each content part must be an object with a text", "messages",
+                        VALIDATION)
                 content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+            require(isinstance(content, str), "a message's content must be a string or a list "
+                    "of content parts", "messages", VALIDATION)
             rendered.append({"role": message["role"], "content": content})
         params = {**_sampling(body), **_adapter(body, config), **_response_format(body),
                   "apply_chat_template": True}
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        max_tokens = (_int_field(body, "max_completion_tokens", 1)
+                      or _int_field(body, "max_tokens", 1))
         if max_tokens is not None:
             params["max_tokens"] = max_tokens
+        else:  # OpenAI's default: up to the context's end (the ensemble's own is 20)
+            params["max_tokens_to_context"] = True
+        top_logprobs = _int_field(body, "top_logprobs", 0)
         if body.get("logprobs"):
             params["return_log_probs"] = True
-            params["top_n_tokens"] = body.get("top_logprobs") or None
-        n = body.get("n") or 1
+            params["top_n_tokens"] = top_logprobs or None
+        n = _int_field(body, "n", 1, default=1)
         prompts = [json.dumps(rendered)] * n
         model = body.get("model") or config.model_name
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -213,20 +233,23 @@ def router(config: ApiConfig) -> APIRouter:
                                                               for p in prompts),
                 "prompt must be a string or a list of strings", "prompt", VALIDATION)
         params = {**_sampling(body), **_adapter(body, config),
-                  "max_tokens": body.get("max_tokens") or 16}  # OpenAI's default
+                  "max_tokens": _int_field(body, "max_tokens", 1, default=16)}  # OpenAI's
         if body.get("echo"):
             params["exclude_input_in_output"] = False
-        if body.get("logprobs"):
+        logprobs = _int_field(body, "logprobs", 0)
+        if logprobs is not None:
             params["return_log_probs"] = True
-            params["top_n_tokens"] = body["logprobs"]
-        n = body.get("n") or 1
+            params["top_n_tokens"] = logprobs
+        n = _int_field(body, "n", 1, default=1)
         model = body.get("model") or config.model_name
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.get("stream"):
             first = await started(chunks(request.app.state.client, [prompts[0]] * n,
                                          VALIDATION, stream=True, **params))
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(_completion_events(request, first, prompts, n, params,
-                                                        ident, created, model),
+                                                        ident, created, model, usage,
+                                                        logprobs is not None),
                                      media_type="text/event-stream")
         found = await asyncio.gather(*[
             results(request.app.state.client, request, [p] * n, VALIDATION, **params)
@@ -239,27 +262,42 @@ def router(config: ApiConfig) -> APIRouter:
                 completion += result.num_output_tokens
                 choices.append({"index": p * n + row, "text": result.text,
                                 "logprobs": (_completion_logprobs(result.token_details, 0)
-                                             if body.get("logprobs") else None),
+                                             if logprobs is not None else None),
                                 "finish_reason": _FINISH.get(result.finish_reason, "length")})
         return {"id": ident, "object": "text_completion", "created": created, "model": model,
                 "choices": choices, "usage": _usage(prompt_tokens, completion)}
 
-    async def _completion_events(request, first, prompts, n, params, ident, created, model):
+    async def _completion_events(request, first, prompts, n, params, ident, created, model,
+                                 usage, logprobs):
+        def event(choices, **extra):
+            return sse({"id": ident, "object": "text_completion", "created": created,
+                        "model": model, "choices": choices, **extra})
+
+        prompt_tokens, completion = 0, 0
         try:
             for p, prompt in enumerate(prompts):  # one after another: indices stay in order
                 responses = first if p == 0 else chunks(request.app.state.client, [prompt] * n,
                                                         VALIDATION, stream=True, **params)
+                offsets, counted, prompt_tokens_of_prompt = [0] * n, {}, 0
                 async for chunk in responses:
-                    yield sse({"id": ident, "object": "text_completion", "created": created,
-                               "model": model, "choices": [{
-                                   "index": p * n + chunk.batch_index, "text": chunk.text,
-                                   "logprobs": None,
-                                   "finish_reason": (_FINISH.get(chunk.finish_reason, "length")
-                                                     if chunk.finish_reason else None)}]})
+                    row = chunk.batch_index
+                    counted[row] = chunk.num_output_tokens
+                    prompt_tokens_of_prompt = chunk.num_input_tokens
+                    yield event([{
+                        "index": p * n + row, "text": chunk.text,
+                        "logprobs": (_completion_logprobs(chunk.token_details, offsets[row])
+                                     if logprobs else None),
+                        "finish_reason": (_FINISH.get(chunk.finish_reason, "length")
+                                          if chunk.finish_reason else None)}])
+                    offsets[row] += len(chunk.text)
+                prompt_tokens += prompt_tokens_of_prompt
+                completion += sum(counted.values())
         except ApiError as error:
             yield sse({"error": {"message": error.message, "type": error.kind,
                                  "param": error.param, "code": None}})
             return
+        if usage:
+            yield event([], usage=_usage(prompt_tokens, completion))
         yield sse("[DONE]")
 
     return api

@@ -11,8 +11,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from textgen_api.config import ApiConfig
 from textgen_api.ensemble import chunks, require, results, sse, started
-from textgen_api.errors import ApiError
-from textgen_client import GenerationResult
+from textgen_api.errors import ApiError, from_ensemble
+from textgen_client import GenerationResult, TextgenError
 
 VALIDATION = 422
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's
@@ -42,9 +42,13 @@ def ensemble_params(parameters: dict, stream: bool) -> dict:
             if value:
                 params.setdefault("temperature", 1.0)
         elif name == "max_new_tokens":
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                    f"max_new_tokens must be an integer >= 1, got {value!r}", name, VALIDATION)
             params["max_tokens"] = value
         elif name == "stop":
-            params["stop_words"] = list(value) or None
+            require(isinstance(value, list) and all(isinstance(v, str) for v in value),
+                    "stop must be a list of strings", "stop", VALIDATION)
+            params["stop_words"] = value or None
         elif name == "return_full_text":
             params["exclude_input_in_output"] = not value
         elif name == "details":
@@ -170,7 +174,10 @@ def router(config: ApiConfig) -> APIRouter:
     @api.post("/tokenize")
     async def tokenize(request: Request):
         inputs, _, _ = await body(request)
-        ids, tokens, offsets = await request.app.state.client.tokenize(inputs)
+        try:
+            ids, tokens, offsets = await request.app.state.client.tokenize(inputs)
+        except TextgenError as error:
+            raise from_ensemble(error, VALIDATION) from None
         return JSONResponse([{"id": i, "text": t, "start": start, "stop": stop}
                              for i, t, (start, stop) in zip(ids, tokens, offsets)])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
+import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
@@ -48,6 +49,10 @@ class AsyncTextgenClient:
                     yield chunk
                 if finished:
                     return
+        except grpc.RpcError as exc:  # the stream itself failed: no server there, or it went
+            finished = True
+            raise TextgenError(f"the gRPC stream failed: [{exc.code().name}] "
+                               f"{exc.details()}") from None
         finally:
             if not finished:
                 responses.cancel()

@@ -121,6 +121,26 @@ def merge(result: GenerationResult, chunk: GenerationChunk) -> None:
     result.input_token_details += chunk.input_token_details
 
 
+_KINDS = {"TYPE_BOOL": ("a boolean", (bool, np.bool_)),
+          "TYPE_INT32": ("an integer", (int, np.integer)),
+          "TYPE_UINT64": ("an integer", (int, np.integer)),
+          "TYPE_FP32": ("a number", (int, float, np.integer, np.floating)),
+          "TYPE_STRING": ("a string", (str,))}
+_RANGES = {"TYPE_INT32": (-2**31, 2**31 - 1), "TYPE_UINT64": (0, 2**64 - 1)}
+
+
+def _checked(name: str, value, dtype: str):
+    """value, if the tensor can hold it as it is (numpy would truncate 2.5 to an int32 2, or
+    wrap a negative seed); else a TypeError naming the parameter."""
+    kind, types = _KINDS[dtype]
+    if not isinstance(value, types) or (dtype != "TYPE_BOOL" and isinstance(value, bool)):
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
+    low, high = _RANGES.get(dtype, (None, None))
+    if low is not None and not low <= value <= high:
+        raise TypeError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
 def build_inputs(prompts: list[str], **params) -> list[grpcclient.InferInput]:
     """InferInputs for the ensemble: [B, 1] per parameter ([B, N] for stop_words)."""
     batch = len(prompts)
@@ -138,7 +158,8 @@ def build_inputs(prompts: list[str], **params) -> list[grpcclient.InferInput]:
             text = value if isinstance(value, str) else json.dumps(value)
             arrays[name] = np.array([[text.encode()]] * batch, dtype=np.object_)
         else:
-            arrays[name] = np.full((batch, 1), value, dtype=spec.numpy_dtype)
+            arrays[name] = np.full((batch, 1), _checked(name, value, spec.dtype),
+                                   dtype=spec.numpy_dtype)
     inputs = []
     for name, array in arrays.items():
         infer_input = grpcclient.InferInput(name, list(array.shape), _SPECS[name].wire_dtype)

@@ -138,7 +138,10 @@ def test_tgi_and_lorax_clients_equal_the_ensemble(front, tiny_server, client_for
     assert hub.text_generation(PROMPT, max_new_tokens=10) == expected.text
     assert "".join(hub.text_generation(PROMPT, max_new_tokens=10, stream=True)) == expected.text
     chat = hub.chat_completion(MESSAGES, max_tokens=5, temperature=0)
-    assert chat.choices[0].message.content
+    assert chat.choices[0].message.content == client_for(tiny_server).generate(
+        json.dumps(MESSAGES), apply_chat_template=True, max_tokens=5).text
+    details = hub.text_generation(PROMPT, max_new_tokens=10, details=True)
+    assert [t.id for t in details.details.tokens] == expected.output_ids
 
 
 def test_tokenize_info_health_and_unknown_parameters(front):
@@ -157,6 +160,7 @@ def test_api_key_cors_and_payload_limit(tiny_server):
                    "https://app.example", "--payload-limit", "2000")
     try:
         for path, payload in (("/generate", {"inputs": PROMPT}), ("/", {"inputs": PROMPT}),
+                              ("/generate_stream", {"inputs": PROMPT}),
                               ("/v1/completions", {"prompt": PROMPT}),
                               ("/v1/chat/completions", {"messages": MESSAGES}),
                               ("/tokenize", {"inputs": PROMPT})):
@@ -172,6 +176,15 @@ def test_api_key_cors_and_payload_limit(tiny_server):
                                    {**key, "Origin": "https://app.example"})
         assert status == 200
         assert headers.get("access-control-allow-origin") == "https://app.example"
+        preflight = urllib.request.Request(  # a browser's, without the key: answered by CORS
+            api.url + "/generate", method="OPTIONS",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+        with urllib.request.urlopen(preflight) as answer:
+            assert answer.headers["access-control-allow-origin"] == "https://app.example"
+        status, headers, _ = _post(api.url + "/generate",
+                                   {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}},
+                                   {**key, "Origin": "https://elsewhere.example"})
+        assert "access-control-allow-origin" not in {h.lower() for h in headers}
         assert _post(api.url + "/generate", {"inputs": "x" * 3000}, key)[0] == 413
     finally:
         api.stop()
@@ -202,3 +215,82 @@ def test_a_client_that_leaves_mid_stream_frees_its_request(front, tiny_server):
     while time.monotonic() < deadline and metric(tiny_server, "textgen_kv_cache_blocks_used"):
         time.sleep(0.1)
     assert metric(tiny_server, "textgen_kv_cache_blocks_used") == 0
+
+
+def test_chat_without_max_tokens_runs_to_the_end_of_the_context(front):
+    """OpenAI's default, not the ensemble's 20: the tiny server's context is 256 tokens."""
+    status, _, body = _post(f"{front.url}/v1/chat/completions",
+                            {"model": MODEL, "messages": MESSAGES, "temperature": 0,
+                             "ignore_eos": True})
+    usage = json.loads(body)["usage"]
+    assert status == 200 and usage["prompt_tokens"] + usage["completion_tokens"] == 256
+
+
+def test_streamed_completions_carry_logprobs_and_usage(front, tiny_server, client_for):
+    import openai
+
+    expected = client_for(tiny_server).generate(PROMPT, max_tokens=8, return_log_probs=True,
+                                                top_n_tokens=2)
+    client = openai.OpenAI(base_url=f"{front.url}/v1", api_key="unused", max_retries=0)
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0,
+                                      logprobs=2).choices[0].logprobs
+    assert whole.token_logprobs == pytest.approx(
+        [d["logprob"] for d in expected.token_details], abs=1e-5)
+    pieces = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8,
+                                            temperature=0, logprobs=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    streamed = [c.choices[0].logprobs for c in pieces if c.choices]
+    assert [t for lp in streamed for t in lp.tokens] == whole.tokens
+    assert [x for lp in streamed for x in lp.token_logprobs] == pytest.approx(
+        whole.token_logprobs, abs=1e-5)
+    assert [x for lp in streamed for x in lp.text_offset] == whole.text_offset
+    assert [x for lp in streamed for x in lp.top_logprobs] == whole.top_logprobs
+    assert (pieces[-1].usage.prompt_tokens, pieces[-1].usage.completion_tokens) == (
+        expected.num_input_tokens, 8)
+
+
+@pytest.mark.parametrize("path, payload, status, words", [
+    ("/v1/chat/completions", {"messages": MESSAGES, "n": "2"}, 400, "n must be an integer"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2.5}, 400,
+     "max_tokens must be an integer"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [5]}]}, 400,
+     "content part"),
+    ("/v1/completions", {"prompt": PROMPT, "logprobs": "yes"}, 400, "logprobs must be"),
+    ("/v1/completions", {"prompt": PROMPT, "seed": 1.5}, 400, "seed must be an integer"),
+    ("/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": "many"}}, 422,
+     "max_new_tokens must be an integer"),
+    ("/generate", {"inputs": PROMPT, "parameters": {"stop": "."}}, 422, "stop must be a list"),
+    ("/generate", {"inputs": PROMPT, "parameters": {"top_k": 2.5}}, 422,
+     "top_k must be an integer"),
+    ("/v1/nothing", {}, 404, "Not Found"),
+    ("/nothing", {}, 404, "Not Found"),
+])
+def test_malformed_requests_get_each_apis_error_shape(front, path, payload, status, words):
+    got, _, body = _post(front.url + path, payload)
+    error = json.loads(body)["error"]
+    assert got == status
+    assert words in (error["message"] if path.startswith("/v1") else error)
+
+
+def test_a_front_end_whose_tritonserver_is_unreachable_answers_503():
+    import openai
+    from types import SimpleNamespace
+
+    from server import free_port
+
+    api = FrontEnd(SimpleNamespace(grpc_url=f"127.0.0.1:{free_port()}"), "--model-name", MODEL)
+    try:
+        for path, payload in (("/generate", {"inputs": PROMPT}),
+                              ("/generate_stream", {"inputs": PROMPT}),
+                              ("/tokenize", {"inputs": PROMPT}),
+                              ("/v1/completions", {"prompt": PROMPT})):
+            status, _, body = _post(api.url + path, payload)
+            error = json.loads(body)["error"]
+            assert status == 503, (path, body)
+            assert "UNAVAILABLE" in (error["message"] if path.startswith("/v1") else error)
+        client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as refused:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+        assert refused.value.status_code == 503
+    finally:
+        api.stop()

@@ -47,7 +47,7 @@ def peft_answer(model_dir: Path, ask: str, store: Path) -> str:
 
 def _readme_clients_answer(expected: list[str]) -> None:
     """The README's front end command, then its Python block of clients (OpenAI, huggingface_hub,
-    TGI's): they print `expected`, one answer each."""
+    TGI's, LoRAX's): they print `expected`, one answer each."""
     [serve_api] = readme_block("textgen serve-api")
     front_end = subprocess.Popen(["bash", "-c", f"exec {serve_api.rstrip(' &')}"], cwd=ROOT,
                                  start_new_session=True)
@@ -89,7 +89,8 @@ def test_readme_deployment_commands_serve_the_demo_model(demo_model_dir, tmp_pat
         berlin = client.generate("The capital of Germany is", max_tokens=12).text
         client.close()
         assert result.text == "The capital of France is Paris."
-        _readme_clients_answer(["The capital of France is Paris.", berlin, berlin])
+        paris = "The capital of France is Paris."
+        _readme_clients_answer([paris, berlin, paris, berlin, berlin])
         render_words = shlex.split(render)
         store = Path(render_words[render_words.index("--prefix-store-path") + 1])
         for walkthrough, option in [("train_peft.py lora", " --adapter-id"),

@@ -54,6 +54,9 @@ APPLY_CHAT_TEMPLATE = _spec("apply_chat_template", "TYPE_BOOL",
                                 "with the model's chat template (default false).")
 GENERATION_PARAMETERS = (
     _spec("max_tokens", "TYPE_INT32", doc="Most tokens to generate (default 20)."),
+    _spec("max_tokens_to_context", "TYPE_BOOL",
+          doc="Without max_tokens: generate up to max_total_tokens minus the input tokens "
+              "instead of 20 (OpenAI's default; the REST front end's chat sends it)."),
     _spec("stream", "TYPE_BOOL", doc="Stream text deltas (default false)."),
     _spec("temperature", "TYPE_FP32", doc=">= 0; 0 means greedy."),
     _spec("top_k", "TYPE_INT32", doc=">= 0; 0 disables."),

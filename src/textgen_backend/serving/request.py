@@ -75,8 +75,15 @@ def parse_prompts(inputs: dict[str, np.ndarray], limits: EngineLimits, config: E
         adapter = resolve_adapter(*(values.pop(key, "") for key in _ADAPTER_KEYS))
         prefix = resolve_prefix(values.pop("prefix_id", ""))
         grammar = grammar_from_request(values, limits.grammar_support)
-        params = _build_params(values, config, encode_words)
         n = int(lengths[row])
+        if _typed(values, "max_tokens_to_context", bool, False):
+            if "max_tokens" in values:
+                raise RequestError("give max_tokens or max_tokens_to_context, not both")
+            virtual = prefix.num_virtual_tokens if prefix else 0
+            # an input too long leaves 1: _check_lengths then names the input's length
+            values["max_tokens"] = max(1, limits.max_total_tokens - n - virtual)
+        values.pop("max_tokens_to_context", None)
+        params = _build_params(values, config, encode_words)
         _check_lengths(n, params.stopping.max_tokens, limits, prefix)
         prompts.append(Prompt(ids[row, :n].tolist(), texts[row].decode(), row, params, adapter,
                               prefix, grammar))
