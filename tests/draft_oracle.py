@@ -18,3 +18,18 @@ def oracle_drafts(monkeypatch, continuations: list[list[int]]) -> None:
             drafts.append(draft)
         return drafts
     monkeypatch.setattr(speculator_module, "propose_ngram", propose)
+
+
+def medusa_oracle(monkeypatch, continuations: list[list[int]]) -> None:
+    """Medusa's proposals (each sequence's next_drafts, from its heads) replaced by the same
+    oracle just before the speculator reads them."""
+    from textgen_backend.speculation.speculator import Speculator
+
+    oracle_drafts(monkeypatch, continuations)
+    attach = Speculator.attach
+
+    def attach_with_oracle(self, out):
+        for seq in out.seqs:
+            seq.next_drafts = speculator_module.propose_ngram([seq.all_ids], self.num_drafts)[0]
+        return attach(self, out)
+    monkeypatch.setattr(Speculator, "attach", attach_with_oracle)

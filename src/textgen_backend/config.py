@@ -160,9 +160,10 @@ class EngineConfig:
                                         "keeps it up, refusing new requests.", default=True)
     block_size: int = flag("Tokens per KV-cache block.", default=16)
     kv_cache_dtype: str = flag("KV cache dtype: \"auto\" (the model's) or \"fp8\" / "
-                               "\"fp8_e4m3\" (float8 e4m3, values saturating at +-448, no "
-                               "scales: twice the tokens in the same memory; the CPU, or a GPU "
-                               "of compute capability 8.9+) (vLLM's names).", default="auto",
+                               "\"fp8_e4m3\" (float8 e4m3: twice the tokens in the same "
+                               "memory; with an fp8 checkpoint's per-layer k/v scales, else "
+                               "saturating at +-448; the CPU, or a GPU of compute capability "
+                               "8.9+) (vLLM's names).", default="auto",
                                choices=KV_CACHE_DTYPES)
     stream_responses_per_second: int = flag(
         "Streamed responses per second shared by all streams: past it, a stream's tokens are "
@@ -211,14 +212,17 @@ class EngineConfig:
     prompt_cache_size_mb: int = flag("Megabytes of loaded soft prompts kept on the device "
                                      "(least recently used ones are dropped past it).",
                                      default=512)
-    speculate: int = flag("Draft tokens verified per decode step (TGI's --speculate): a model "
-                          "directory with Medusa heads (medusa_lm_head.safetensors) drafts "
-                          "with them, any other with n-gram prompt lookup; 0 disables.",
-                          default=0, aliases=("--speculative-tokens",),
+    speculate: int | None = flag("Draft tokens verified per decode step (TGI's --speculate): "
+                                 "a model directory with Medusa heads "
+                                 "(medusa_lm_head.safetensors) drafts with them, any other with "
+                                 "n-gram prompt lookup; 0 disables. Default: all of a Medusa "
+                                 "model's heads (TGI), else 0.",
+                                 default=None, aliases=("--speculative-tokens",),
                           env_aliases=("SPECULATIVE_TOKENS",))
-    speculation_max_batch_size: int = flag("Decode steps of more sequences than this run "
-                                           "without drafts (speculation costs throughput "
-                                           "under load).", default=32)
+    speculation_max_batch_size: int = flag("Steps with more decoding sequences that could "
+                                           "take drafts (no grammar) than this run without "
+                                           "drafts (speculation costs throughput under "
+                                           "load).", default=32)
     tokenizer_config_path: str | None = flag("A tokenizer_config.json whose chat_template "
                                              "replaces the model's.")
     json_output: bool = flag("Log as JSON lines (the launcher and the Python models; "
@@ -274,7 +278,7 @@ class EngineConfig:
             raise ValueError(f"max_active_adapters must be >= 1, got {self.max_active_adapters}")
         if self.prompt_cache_size_mb < 0:
             raise ValueError(f"prompt_cache_size_mb must be >= 0, got {self.prompt_cache_size_mb}")
-        if not 0 <= self.speculate <= MAX_SPECULATE:
+        if self.speculate is not None and not 0 <= self.speculate <= MAX_SPECULATE:
             raise ValueError(f"speculate must be in [0, {MAX_SPECULATE}], got {self.speculate}")
         if self.engine_stall_timeout_s < 0:
             raise ValueError(f"engine_stall_timeout_s must be >= 0, got "

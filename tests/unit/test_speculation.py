@@ -22,7 +22,7 @@ from textgen_backend.engine.scheduler import Scheduler
 from textgen_backend.engine.sequence import Sequence
 from textgen_backend.sampling.params import DetailsParams, SamplingParams, StoppingParams
 from textgen_backend.speculation.ngram import propose_ngram
-from draft_oracle import oracle_drafts
+from draft_oracle import medusa_oracle, oracle_drafts
 from medusa_heads import add_random_medusa
 from tiny_models import build_tiny_model
 
@@ -90,7 +90,7 @@ def test_ngram_drafts_follow_the_most_recent_earlier_occurrence():
     assert propose_ngram([[9, 1, 2, 8, 1, 2, 7, 7, 1, 2]], 3) == [[7, 7, 1]]
 
 
-@pytest.mark.parametrize("speculate", [1, 3, 5])
+@pytest.mark.parametrize("speculate", [1, 2, 3, 4, 5])
 def test_greedy_with_drafts_equals_transformers_in_fewer_steps(model_dir, hf, monkeypatch,
                                                                 speculate):
     prompts = _prompts(6)
@@ -278,9 +278,60 @@ def test_medusa_heads_are_picked_up_and_keep_greedy_exact(model_dir, hf, tmp_pat
     assert stats.kv_blocks_used == 0
 
 
+def test_medusa_drafts_that_land_are_accepted_and_exact_under_preemption(model_dir, hf,
+                                                                         tmp_path, monkeypatch):
+    """Random heads never draft right: here the heads' proposals are the oracle's (every third
+    step's last draft wrong), so Medusa's accepted drafts, its KV trimming and its
+    preemptions (a KV cache for 2 of the 6 sequences) are exercised."""
+    medusa_dir = add_random_medusa(model_dir, tmp_path / "medusa", num_heads=3)
+    prompts = _prompts(6, seed=7)
+    expected = [_hf_greedy(hf, p, 24) for p in prompts]
+    medusa_oracle(monkeypatch, [p + e for p, e in zip(prompts, expected)])
+    engine = _engine(medusa_dir, speculate=3, max_input_tokens=40, max_total_tokens=64,
+                     max_batch_total_tokens=128)
+    seqs = [_greedy(i, p, 24) for i, p in enumerate(prompts)]
+    _run(engine, seqs)
+    assert [s.output_ids for s in seqs] == expected
+    stats = engine.stats()
+    assert stats.speculation_method == "medusa" and stats.num_preemptions > 0
+    assert 0 < stats.speculation_accepted_tokens < stats.speculation_draft_tokens
+    assert stats.kv_blocks_used == 0
+
+
 def test_medusa_weights_that_do_not_match_the_config_are_refused(model_dir, tmp_path):
     medusa_dir = add_random_medusa(model_dir, tmp_path / "medusa", num_heads=2)
     config = json.loads((medusa_dir / "config.json").read_text())
     (medusa_dir / "config.json").write_text(json.dumps({**config, "medusa_num_heads": 3}))
     with pytest.raises(ValueError, match="medusa_num_heads"):
         _engine(medusa_dir, speculate=2)
+
+
+def test_a_heads_only_medusa_repository_serves_its_base_model_with_all_heads(
+        model_dir, hf, tmp_path, monkeypatch):
+    """TGI's Medusa repositories hold the heads and name their base model: the model id is
+    the repository, the base model's weights serve, and without --speculate every head
+    drafts (TGI)."""
+    from textgen_backend.weights.loading import resolve_model_dir
+
+    monkeypatch.setenv("TEXTGEN_CACHE", str(tmp_path / "cache"))
+    full = add_random_medusa(model_dir, tmp_path / "full", num_heads=3)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(full / "medusa_lm_head.safetensors", repo)
+    (repo / "config.json").write_text(json.dumps({
+        "base_model_name_or_path": str(model_dir), "medusa_num_heads": 3,
+        "medusa_num_layers": 1, "model_type": "medusa"}))
+    served = resolve_model_dir(str(repo))
+    assert served != repo and resolve_model_dir(str(repo)) == served  # built once
+    assert json.loads((served / "config.json").read_text()) == json.loads(
+        (full / "config.json").read_text())
+    prompts = _prompts(3, seed=9)
+    engine = Engine(EngineConfig(model_id=str(repo), max_input_tokens=100,
+                                 max_total_tokens=200, block_size=4), served)
+    seqs = [_greedy(i, p, 12) for i, p in enumerate(prompts)]
+    _run(engine, seqs)
+    assert [s.output_ids for s in seqs] == [_hf_greedy(hf, p, 12) for p in prompts]
+    stats = engine.stats()
+    assert stats.speculation_method == "medusa" and stats.speculation_draft_tokens >= 3 * 3 * 5
+    plain = Engine(EngineConfig(model_id=str(model_dir)), model_dir)
+    assert plain.stats().speculation_method == ""  # no heads, no --speculate: none

@@ -34,7 +34,7 @@ from textgen_backend.parallel.group import ShardGroup, world_size
 from textgen_backend.prompt_tuning.cache import PromptCache
 from textgen_backend.sampling.grammar import GrammarMatchers
 from textgen_backend.sampling.params import SamplingParams, StoppingParams
-from textgen_backend.speculation.medusa import load_medusa
+from textgen_backend.speculation.medusa import load_medusa, medusa_num_heads
 from textgen_backend.speculation.speculator import Speculator
 
 logger = logging.getLogger("textgen")
@@ -42,6 +42,8 @@ logger = logging.getLogger("textgen")
 
 class Engine:
     def __init__(self, config: EngineConfig, model_dir: Path, device: torch.device | None = None):
+        if config.speculate is None:  # TGI: a Medusa model speculates with all its heads
+            config = dataclasses.replace(config, speculate=medusa_num_heads(model_dir))
         self.config = config
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model_config = ModelConfig.from_dir(model_dir).with_rope_override(

@@ -42,6 +42,13 @@ class MedusaHeads(nn.Module):
         return torch.stack([head(hidden).argmax(dim=-1) for head in self.heads], dim=1)
 
 
+def medusa_num_heads(model_dir: Path) -> int:
+    """The directory's Medusa heads (0 without medusa_lm_head.safetensors)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    has_heads = (Path(model_dir) / MEDUSA_WEIGHTS_FILE).exists()
+    return int(config.get("medusa_num_heads", 0)) if has_heads else 0
+
+
 def load_medusa(model_dir: Path, hidden_size: int, vocab_size: int, dtype: torch.dtype,
                 device: torch.device) -> MedusaHeads | None:
     """The directory's Medusa heads, or None when it has none."""

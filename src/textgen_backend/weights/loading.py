@@ -11,11 +11,19 @@ import torch
 from safetensors import safe_open
 
 from textgen_backend.weights.convert_weights import pytorch_weight_files
+# Medusa heads live beside the model's weights (TGI's layout); speculation/medusa.py loads them.
+from textgen_backend.weights.medusa_repo import MEDUSA_WEIGHTS_FILE, with_base_model
 
 
 def resolve_model_dir(model_id: str, revision: str | None = None,
                       hub_cache: str | None = None) -> Path:
-    """A local directory as is; otherwise a hub id looked up offline in the local hub cache."""
+    """A local directory as is; otherwise a hub id looked up offline in the local hub cache.
+    A heads-only Medusa repository gives its base model with the heads (medusa_repo.py)."""
+    return with_base_model(_model_dir(model_id, revision, hub_cache),
+                           lambda base: _model_dir(base, None, hub_cache))
+
+
+def _model_dir(model_id: str, revision: str | None, hub_cache: str | None) -> Path:
     if os.path.isdir(model_id):
         return Path(model_id).resolve()
     from huggingface_hub import snapshot_download
@@ -31,8 +39,6 @@ def resolve_model_dir(model_id: str, revision: str | None = None,
             "(models are never downloaded at run time)") from exc
 
 
-# Medusa heads live beside the model's weights (TGI's layout); speculation/medusa.py loads them.
-MEDUSA_WEIGHTS_FILE = "medusa_lm_head.safetensors"
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
