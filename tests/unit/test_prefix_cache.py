@@ -109,3 +109,17 @@ def test_the_engine_answers_the_same_with_the_cache_on_and_off(tmp_path):
             assert stats.prefix_cache_hit_tokens > 0 and stats.num_preemptions > 0
             assert stats.prefix_cache_evictions > 0
     assert outputs[True] == outputs[False]
+
+
+def test_a_readmitted_sequence_keeps_the_cache_hit_of_its_first_admission():
+    """num_cached_tokens is the request's hit; after a preemption the sequence finds its own
+    committed blocks again, which computes less but was no hit of the request's."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    s = prefilled(bm, seq(1, range(10)))
+    assert s.num_cached_tokens == 0
+    s.scheduled_at = 1.0          # admitted (the scheduler's mark)
+    bm.free(s)                    # preempted
+    s.num_computed_tokens = 0
+    bm.allocate(s)
+    assert s.num_computed_tokens == 8 and s.num_cached_tokens == 0
+    assert bm.hit_tokens == 8     # the metric counts what each admission found

@@ -12,6 +12,7 @@ from on_the_fly_reference import greedy, quantize_reference
 from textgen_backend.config import EngineConfig
 from textgen_backend.engine.engine import Engine
 from textgen_backend.engine.sequence import Sequence
+from textgen_backend.models.config import ModelConfig
 from textgen_backend.quantization import formats
 from textgen_backend.quantization.schemes import ON_THE_FLY
 from textgen_backend.sampling.params import SamplingParams, StoppingParams
@@ -215,3 +216,29 @@ def test_fp8_weights_pair_with_their_scales_in_any_order():
         list(dequantize_fp8_weights([("c.weight", q)]))
     with pytest.raises(ValueError, match="fits neither"):
         list(dequantize_fp8_weights([("c.weight", q), ("c.weight_scale", torch.ones(3, 3))]))
+
+
+def test_fp8_is_refused_at_start_on_gpus_without_it(tiny_model, monkeypatch):
+    """--quantize fp8 and --kv-cache-dtype fp8 need compute capability 8.9 (a GPU's
+    capability is faked here): refused naming the flag, before any weight loads."""
+    from textgen_backend.engine import loading
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    gpu = torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"--quantize fp8: this GPU \(compute capability "
+                                         r"8\.0\) has no fp8 support; it needs 8\.9"):
+        loading.require_fp8(gpu, "--quantize fp8")
+    with pytest.raises(ValueError, match="--kv-cache-dtype fp8: this GPU"):
+        loading.kv_cache_dtype(EngineConfig(model_id="m", kv_cache_dtype="fp8"),
+                               torch.bfloat16, gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    loading.require_fp8(gpu, "--quantize fp8")
+
+    def refuse(device, what):
+        raise ValueError(f"refused: {what}")
+    monkeypatch.setattr(loading, "require_fp8", refuse)
+    monkeypatch.setattr(loading, "iterate_weights", lambda *a: pytest.fail("weights loaded"))
+    config = EngineConfig(model_id=str(tiny_model), quantize="fp8", max_lora_rank=0)
+    with pytest.raises(ValueError, match="refused: --quantize fp8"):
+        loading.load_model(config, ModelConfig.from_dir(tiny_model), tiny_model,
+                           torch.device("cpu"), torch.float32)

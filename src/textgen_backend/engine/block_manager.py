@@ -80,7 +80,7 @@ class BlockManager:
 
     def allocate(self, seq: Sequence) -> None:
         """Blocks for all of seq's tokens (its prefill): the cached prefix shared, the rest
-        new; seq.num_cached_tokens says how many need no computing."""
+        new; seq.num_computed_tokens says how many need no computing."""
         assert not seq.block_ids, f"sequence {seq.seq_id} already holds blocks"
         hits = self.cached_prefix(seq)
         if self.blocks_needed(seq, hits) > len(self._free):
@@ -92,11 +92,13 @@ class BlockManager:
             self._refs[block] += 1
         seq.block_ids = hits + [self._take_free()
                                 for _ in range(self.blocks_for(seq.num_tokens) - len(hits))]
-        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = len(hits) * self.block_size
+        if seq.scheduled_at is None:  # the request's hit: readmitted after a preemption, a
+            seq.num_cached_tokens = seq.num_computed_tokens  # sequence finds its own blocks
         seq.num_registered_blocks = len(hits)
         if self.caching:
             self.query_tokens += seq.num_tokens
-            self.hit_tokens += seq.num_cached_tokens
+            self.hit_tokens += seq.num_computed_tokens
 
     def can_append(self, seq: Sequence) -> bool:
         return self.blocks_for(seq.num_tokens) <= len(seq.block_ids) or bool(self._free)

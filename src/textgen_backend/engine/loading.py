@@ -46,13 +46,19 @@ def kv_cache_dtype(config: EngineConfig, dtype: torch.dtype,
     and GPUs of compute capability 8.9 or more: Ada, Hopper and later)."""
     if config.kv_cache_dtype == "auto":
         return dtype
+    require_fp8(device, f"--kv-cache-dtype {config.kv_cache_dtype}")
+    return torch.float8_e4m3fn
+
+
+def require_fp8(device: torch.device, what: str) -> None:
+    """fp8 runs on the CPU and on GPUs of compute capability 8.9 or more (Ada, Hopper): refused
+    at start elsewhere, not at the first step."""
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         if capability < (8, 9):
-            raise ValueError(f"--kv-cache-dtype {config.kv_cache_dtype}: this GPU "
-                             f"(compute capability {capability[0]}.{capability[1]}) has no "
-                             f"fp8 conversions; it needs 8.9 or more (Ada, Hopper)")
-    return torch.float8_e4m3fn
+            raise ValueError(f"{what}: this GPU (compute capability {capability[0]}."
+                             f"{capability[1]}) has no fp8 support; it needs 8.9 or more "
+                             "(Ada, Hopper)")
 
 
 def build_runner(config: EngineConfig, model_dir: Path, device: torch.device,
@@ -141,6 +147,9 @@ def load_model(config: EngineConfig, model_config: ModelConfig, model_dir: Path,
         logger.info("[textgen] the checkpoint holds %s weights: serving it as --quantize %s",
                     decoded.description, decoded.scheme)
         on_the_fly = decoded.scheme
+    if on_the_fly == "fp8":
+        require_fp8(device, "--quantize fp8" if decoded is None
+                    else f"this {decoded.description} checkpoint")
     quant = None if decoded else resolve_quant_config(
         model_dir, None if on_the_fly else config.quantize, config.load_format)
     if on_the_fly and quant is not None:
