@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import json
+import shutil
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -143,8 +144,18 @@ def _bad_adapters(root, tiny_model_dir):
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     (root / "not-peft").mkdir()
     (root / "not-peft" / "weights.txt").write_text("nothing")
+    base = save_random_lora(tiny_model_dir, root / "config-base", 4, ATTENTION, seed=8)
+    for name, change in (("biases", {"bias": "lora_only"}),
+                         ("saved-modules", {"modules_to_save": ["lm_head"]}),
+                         ("lm-head", {"target_modules": ["q_proj", "lm_head"]}),
+                         ("prompt-tuning", {"peft_type": "PROMPT_TUNING"})):
+        shutil.copytree(base, root / name)
+        config = json.loads((base / "adapter_config.json").read_text())
+        (root / name / "adapter_config.json").write_text(json.dumps({**config, **change}))
     return {"missing": "not found", "not-peft": "not a PEFT adapter directory",
-            "dora": "DoRA", "rank-32": "rank 32", "other-base": "different base model"}
+            "dora": "DoRA", "rank-32": "rank 32", "other-base": "different base model",
+            "biases": "trained biases", "saved-modules": "modules_to_save",
+            "lm-head": "LoRA on 'lm_head'", "prompt-tuning": "peft_type 'PROMPT_TUNING'"}
 
 
 def test_bad_adapters_get_errors_naming_them_while_others_are_served(
@@ -158,7 +169,8 @@ def test_bad_adapters_get_errors_naming_them_while_others_are_served(
             with pytest.raises(TextgenError) as error:
                 client.generate(PROMPTS[0], max_tokens=4, adapter_id=name)
             assert name in str(error.value) and words in str(error.value), str(error.value)
-        for source, words in [("s3", "not supported"), ("ftp", "adapter_source must be")]:
+        for source, words in [("s3", "not supported"), ("pbase", "not supported"),
+                              ("ftp", "adapter_source must be")]:
             with pytest.raises(TextgenError, match=words):
                 client.generate(PROMPTS[0], max_tokens=4, adapter_id="attn-r4",
                                 adapter_source=source)

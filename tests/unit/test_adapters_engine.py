@@ -254,3 +254,46 @@ def test_an_adapter_retrained_in_place_is_served_anew(setup, tmp_path):
     expected = [reference.greedy(first, prompt, 8), reference.greedy(second, prompt, 8)]
     assert expected[0] != expected[1]
     assert outputs == expected
+
+
+def test_a_base_only_server_refuses_every_adapter(setup):
+    from textgen_backend.adapters.peft_format import AdapterError
+
+    model_dir, adapters, _ = setup
+    config = EngineConfig(model_id=str(model_dir), max_lora_rank=0)
+    catalog = AdapterCatalog(config, ModelConfig.from_dir(model_dir))
+    with pytest.raises(AdapterError, match=r"'attn': this server serves the base model only "
+                                           r"\(--max-lora-rank 0\)"):
+        catalog.resolve("attn", "local", "")
+    assert catalog.resolve("", "local", "") is None
+
+
+def test_the_batch_keeps_stepping_while_an_adapter_loads(setup):
+    """The load runs on a worker thread: held there, the running sequence still gains a token
+    every step while the adapter's prompt waits; released, that prompt is served as PEFT's."""
+    import threading
+
+    model_dir, adapters, reference = setup
+    config = EngineConfig(model_id=str(model_dir), max_active_adapters=2, max_lora_rank=16,
+                          adapter_source="local")
+    engine = Engine(config, model_dir)
+    catalog = AdapterCatalog(config, ModelConfig.from_dir(model_dir))
+    release, load = threading.Event(), engine.adapters._load
+    engine.adapters._load = lambda ref: (release.wait(60), load(ref))[1]
+    running = Sequence(0, PROMPTS[0], SamplingParams(),
+                       StoppingParams(max_tokens=40, ignore_eos=True))
+    waiting = Sequence(1, PROMPTS[1], SamplingParams(),
+                       StoppingParams(max_tokens=8, ignore_eos=True),
+                       adapter=catalog.resolve(str(adapters["attn-r4"]), "local", ""))
+    engine.add(running)
+    for _ in range(2):
+        engine.step()
+    engine.add(waiting)
+    before = len(running.output_ids)
+    for _ in range(12):
+        engine.step()
+    assert len(running.output_ids) >= before + 11 and not waiting.output_ids
+    release.set()
+    _run(engine, [])
+    assert waiting.output_ids == reference.greedy(adapters["attn-r4"], PROMPTS[1], 8)
+    assert running.output_ids == reference.greedy(None, PROMPTS[0], 40)

@@ -54,6 +54,22 @@ def test_flags_and_env_vars(monkeypatch, tmp_path):
     assert server.http_port == 9000 and server.tls_cert_path == str(cert)
     assert server.tritonserver_options() == ["--grpc-use-ssl=true", f"--grpc-server-cert={cert}",
                                              f"--grpc-server-key={key}"]
+    engine, _ = parse([])
+    assert (engine.prefix_caching, engine.chunked_prefill, engine.speculate) == (True, True, None)
+    engine, _ = parse(["--no-prefix-caching", "--no-chunked-prefill", "--speculative-tokens",
+                       "3", "--adapter-id", "a,b", "--adapter-source", "local",
+                       "--max-active-adapters", "7", "--adapter-cycle-time-s", "0.5",
+                       "--adapter-memory-fraction", "0.2", "--max-lora-rank", "32"])
+    assert (engine.prefix_caching, engine.chunked_prefill, engine.speculate) == (False, False, 3)
+    assert (engine.preloaded_adapters, engine.adapter_source, engine.max_active_adapters,
+            engine.adapter_cycle_time_s, engine.adapter_memory_fraction,
+            engine.max_lora_rank) == (("a", "b"), "local", 7, 0.5, 0.2, 32)
+    monkeypatch.setenv("PREFIX_CACHING", "false")
+    monkeypatch.setenv("SPECULATE", "2")
+    monkeypatch.setenv("MAX_ACTIVE_ADAPTERS", "9")
+    engine, _ = parse([])
+    assert (engine.prefix_caching, engine.speculate, engine.max_active_adapters) == (
+        False, 2, 9)
     _, server = parse(["-p", "7000"])        # a flag wins over its env var
     assert server.http_port == 7000
     _, server = parse(["--port", "7001", "--otlp-endpoint", "http://c:4318/v1/traces"])
