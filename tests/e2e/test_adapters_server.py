@@ -184,12 +184,15 @@ def test_bad_adapters_get_errors_naming_them_while_others_are_served(
                                                           "all-r16", PROMPTS[2], 60)
 
 
-def test_five_adapters_cycle_through_two_slots(tiny_model_dir, adapters, tmp_path_factory,
-                                               reference, tiny_reference):
+def test_five_adapters_cycle_through_two_slots_beside_a_preloaded_one(
+        tiny_model_dir, adapters, tmp_path_factory, reference, tiny_reference):
+    """--adapter-id attn-r4 holds one of three slots for good; five more adapters cycle
+    through the other two, attn-r4's requests among them."""
     server = _serve(tmp_path_factory, "lora-two-slots", tiny_model_dir, adapters,
-                    max_active_adapters=2, adapter_cycle_time_s=0.2)
+                    max_active_adapters=3, adapter_cycle_time_s=0.2, adapter_id="attn-r4")
     try:
         plan = [(f"small-{i % 5}", PROMPTS[i % len(PROMPTS)]) for i in range(15)]
+        plan[4::5] = [("attn-r4", PROMPTS[0])] * 3
 
         def one(job):
             from textgen_client import TextgenClient
@@ -205,9 +208,14 @@ def test_five_adapters_cycle_through_two_slots(tiny_model_dir, adapters, tmp_pat
             got = list(pool.map(one, plan))
         for (name, prompt), ids in zip(plan, got):
             assert ids == _expected(reference, tiny_reference, adapters, name, prompt, 40), name
+        loads = scrape_metrics(server)["textgen_adapter_loads_total"]
+        assert one(("attn-r4", PROMPTS[1])) == _expected(reference, tiny_reference, adapters,
+                                                         "attn-r4", PROMPTS[1], 40)
+        assert scrape_metrics(server)["textgen_adapter_loads_total"] == loads  # never left
         metrics = scrape_metrics(server)
         assert metrics["textgen_adapter_loads_total"] >= 5
+        assert metrics["textgen_adapter_load_duration_seconds_count"] >= 5
         assert metrics["textgen_adapter_evictions_total"] >= 3
-        assert metrics["textgen_adapters_active"] <= 2
+        assert metrics["textgen_adapters_active"] <= 3
     finally:
         server.stop()

@@ -107,11 +107,13 @@ def _greedy_seqs(refs, tokens=10):
             for i, ref in enumerate(refs)]
 
 
-def test_adapters_on_a_gptq_base_equal_peft_on_its_dequantized_weights(setup, tmp_path):
+@pytest.mark.parametrize("method, options", [("gptq", {"desc_act": True}), ("awq", {})])
+def test_adapters_on_a_quantized_base_equal_peft_on_its_dequantized_weights(setup, tmp_path,
+                                                                            method, options):
     from quant_checkpoints import write_quantized
 
     model_dir, adapters, _ = setup
-    quant_dir, ref_dir = write_quantized(model_dir, tmp_path, method="gptq", desc_act=True)
+    quant_dir, ref_dir = write_quantized(model_dir, tmp_path, method=method, **options)
     config = EngineConfig(model_id=str(quant_dir), max_lora_rank=16)
     engine = Engine(config, quant_dir)
     catalog = AdapterCatalog(config, ModelConfig.from_dir(quant_dir))
@@ -297,3 +299,40 @@ def test_the_batch_keeps_stepping_while_an_adapter_loads(setup):
     _run(engine, [])
     assert waiting.output_ids == reference.greedy(adapters["attn-r4"], PROMPTS[1], 8)
     assert running.output_ids == reference.greedy(None, PROMPTS[0], 40)
+
+
+def test_a_linear_merge_of_overlapping_adapters_serves_the_merged_weights_once(setup,
+                                                                               tmp_path):
+    """LoRAX's linear merge of two adapters on the same projections, with different alphas:
+    A = sum w_i A_i, B = sum w_i B_i, scaled like the first, written as a PEFT adapter for the
+    reference; asked twice, the merge loads once."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir, _, reference = setup
+    first = save_random_lora(model_dir, tmp_path / "first", 8, ATTENTION + MLP, seed=11,
+                             alpha=16)
+    second = save_random_lora(model_dir, tmp_path / "second", 8, ATTENTION + MLP, seed=12,
+                              alpha=40)
+    weights = (0.7, 0.5)
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (first, second))
+    merged = tmp_path / "merged"
+    shutil.copytree(first, merged)
+    save_file({k: weights[0] * a[k] + weights[1] * b[k] for k in a},
+              merged / "adapter_model.safetensors")
+    config = EngineConfig(model_id=str(model_dir), max_active_adapters=4, max_lora_rank=16,
+                          adapter_source="local")
+    engine = Engine(config, model_dir)
+    catalog = AdapterCatalog(config, ModelConfig.from_dir(model_dir))
+    parameters = json.dumps({"adapter_ids": [str(first), str(second)], "weights": weights,
+                             "merge_strategy": "linear"})
+    seqs = [Sequence(i, PROMPTS[i], SamplingParams(),
+                     StoppingParams(max_tokens=10, ignore_eos=True),
+                     adapter=catalog.resolve("", "local", parameters)) for i in range(2)]
+    outputs = _run(engine, seqs)
+    assert [outputs[i] for i in range(2)] == [reference.greedy(merged, PROMPTS[i], 10)
+                                               for i in range(2)]
+    assert outputs[0] != reference.greedy(first, PROMPTS[0], 10)
+    assert engine.adapters.counters.loads == 1
