@@ -123,3 +123,39 @@ def test_a_readmitted_sequence_keeps_the_cache_hit_of_its_first_admission():
     bm.allocate(s)
     assert s.num_computed_tokens == 8 and s.num_cached_tokens == 0
     assert bm.hit_tokens == 8     # the metric counts what each admission found
+
+
+def test_cancelling_a_sequence_that_shares_cached_blocks_leaves_the_others_exact(tmp_path):
+    """Three sequences share a 16-token prefix's blocks; the middle one is cancelled while
+    decoding: the others finish as alone, every block comes back, the prefix stays cached."""
+    model_dir = build_tiny_model(tmp_path / "model", "llama")
+    shared = list(range(40, 56))
+    prompts = [shared + [7, 8], shared + [9], shared + [10, 11, 12]]
+
+    def engine():
+        return Engine(EngineConfig(model_id=str(model_dir), block_size=4), model_dir)
+
+    alone = []
+    for prompt in prompts:
+        e = engine()
+        s = seq(0, prompt)
+        e.add(s)
+        while e.has_work():
+            e.step()
+        alone.append(s.output_ids)
+    e = engine()
+    first = seq(0, prompts[0])
+    e.add(first)
+    e.step()                                # its prefix is cached once its prefill commits
+    seqs = [first, seq(1, prompts[1]), seq(2, prompts[2])]
+    for s in seqs[1:]:
+        e.add(s)
+    for _ in range(6):
+        e.step()
+    assert e.stats().prefix_cache_hit_tokens >= 2 * 16 and seqs[1].output_ids
+    e.abort(1, "cancelled")
+    while e.has_work():
+        e.step()
+    assert [seqs[0].output_ids, seqs[2].output_ids] == [alone[0], alone[2]]
+    stats = e.stats()
+    assert stats.kv_blocks_used == 0 and stats.prefix_cache_blocks >= 4
