@@ -4,10 +4,13 @@ CPython LICENSE.txt the interpreter ships), teacher-forced in one pass. Against 
 model: the mean KL divergence of the next-token distributions, and each variant's perplexity.
 
 Variants: bfloat16 weights and activations; int4 round-to-nearest with groups of 64 (what a
-GPTQ/AWQ kernel reads, here without GPTQ's calibration: an upper bound on their error; 64 as
-the demo model's hidden size, 576, is no multiple of 128); each
---quantize scheme that quantizes on the fly, with quantization/formats.py's numbers (the same
-code the server runs), in float32 activations. Runs on the CPU in a few minutes.
+GPTQ/AWQ kernel reads, here without GPTQ's or AWQ's calibration: an upper bound on their error;
+symmetric as GPTQ checkpoints usually are, asymmetric (zero points) as AWQ's; 64 as the demo
+model's hidden size, 576, is no multiple of 128); each --quantize scheme that quantizes on the
+fly, with quantization/formats.py's numbers (the same code the server runs), in float32
+activations; and --kv-cache-dtype fp8: the float32 model whose keys (after rotary) and values
+are rounded as the fp8 e4m3 cache stores them (kv_store.to_cache_dtype, no scales) before
+attention reads them. Runs on the CPU in a few minutes.
 
     python bench/bench_quant_accuracy.py [--demo DIR] [--tokens 2048]
 """
@@ -27,20 +30,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from on_the_fly_reference import quantize_reference  # noqa: E402
 from quant_checkpoints import dequantize, quantize_rtn  # noqa: E402
 from textgen_backend.quantization.schemes import ON_THE_FLY  # noqa: E402
+from textgen_kernels.kv_store import FP8, to_cache_dtype  # noqa: E402
 
 
 def fixed_text() -> str:
     return (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
 
 
-def int4_rtn(model, group_size: int = 64):
-    """Symmetric 4-bit round-to-nearest per group of inputs as the GPTQ format stores it (the
+def int4_rtn(model, sym: bool, group_size: int = 64):
+    """4-bit round-to-nearest per group of inputs as the GPTQ / AWQ formats store it (the
     tests' packer, tests/quant_checkpoints.py), dequantized in place."""
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head":
             module.weight.data = dequantize(quantize_rtn(module.weight.data, 4, group_size,
-                                                         sym=True, perm=None))
+                                                         sym=sym, perm=None))
     return model
+
+
+class Fp8KvCache(torch.nn.Module):
+    """The model with its keys (after rotary) and values rounded through the fp8 cache."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        for name, module in model.named_modules():
+            if name.endswith("v_proj"):
+                module.register_forward_hook(lambda _m, _i, out: _through_fp8(out))
+
+    def forward(self, ids):
+        from transformers.models.llama import modeling_llama
+
+        rotate = modeling_llama.apply_rotary_pos_emb
+
+        def rotate_and_round(q, k, *args, **kwargs):
+            q, k = rotate(q, k, *args, **kwargs)
+            return q, _through_fp8(k)
+        modeling_llama.apply_rotary_pos_emb = rotate_and_round
+        try:
+            return self.model(ids)
+        finally:
+            modeling_llama.apply_rotary_pos_emb = rotate
+
+
+def _through_fp8(x: torch.Tensor) -> torch.Tensor:
+    return to_cache_dtype(x, FP8).to(x.dtype)
 
 
 def log_probs(model, ids: torch.Tensor) -> torch.Tensor:
@@ -69,9 +102,11 @@ def main() -> None:
     reference = log_probs(load(), ids)
     targets = ids[1:]
     variants = {"float32": load, "bfloat16": lambda: load(torch.bfloat16),
-                "int4 RTN g64 (gptq/awq)": lambda: int4_rtn(load())}
+                "int4 RTN g64 symmetric (gptq)": lambda: int4_rtn(load(), sym=True),
+                "int4 RTN g64 zero points (awq)": lambda: int4_rtn(load(), sym=False)}
     for scheme in ON_THE_FLY:
         variants[scheme] = lambda scheme=scheme: quantize_reference(load(), scheme)
+    variants["--kv-cache-dtype fp8 (float32 weights)"] = lambda: Fp8KvCache(load())
     rows = []
     for name, build in variants.items():
         lp = reference if name == "float32" else log_probs(build(), ids)

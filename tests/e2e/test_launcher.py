@@ -149,6 +149,8 @@ def test_launcher_drains_streams_in_flight_on_ctrl_c(tiny_model_dir, tiny_refere
             {"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
         assert [t["id"] for t in answer["details"]["tokens"]] == expected
+        info = json.loads(urllib.request.urlopen(f"{endpoints.api_url}/info", timeout=10).read())
+        assert (info["max_input_tokens"], info["max_total_tokens"]) == (100, 512)
         finals, code, seconds = _streams_in_flight_at_ctrl_c(process, grpc, endpoints, 400)
         assert code == 0, log_path.read_text()[-3000:]
         # Both streams ran to their end: the drain let them finish before tritonserver stopped.

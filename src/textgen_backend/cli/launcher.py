@@ -145,10 +145,10 @@ def _start_front_end(engine: EngineConfig, server: ServerConfig) -> subprocess.P
                "--adapters", engine.adapter_id or "",
                "--cors-allow-origin", server.cors_allow_origin,
                "--payload-limit", str(server.payload_limit)]
-    for flag, value in (("--max-input-tokens", engine.max_input_tokens),
-                        ("--max-total-tokens", engine.max_total_tokens)):
+    for option, value in (("--max-input-tokens", engine.max_input_tokens),
+                          ("--max-total-tokens", engine.max_total_tokens)):
         if value is not None:  # /info reports them (the model's defaults are not known here)
-            command += [flag, str(value)]
+            command += [option, str(value)]
     env = {**os.environ, "API_KEY": server.api_key or ""}
     logger.info("[textgen] REST front end (OpenAI, TGI) on port %d", server.api_port)
     # its own session too: the supervisor decides when it stops
