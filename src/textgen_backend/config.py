@@ -219,10 +219,9 @@ class EngineConfig:
                                  "model's heads (TGI), else 0.",
                                  default=None, aliases=("--speculative-tokens",),
                           env_aliases=("SPECULATIVE_TOKENS",))
-    speculation_max_batch_size: int = flag("Steps with more decoding sequences that could "
-                                           "take drafts (no grammar) than this run without "
-                                           "drafts (speculation costs throughput under "
-                                           "load).", default=32)
+    speculation_max_batch_size: int = flag("Steps with more decoding sequences than this run "
+                                           "without drafts (speculation costs throughput "
+                                           "under load).", default=32)
     tokenizer_config_path: str | None = flag("A tokenizer_config.json whose chat_template "
                                              "replaces the model's.")
     json_output: bool = flag("Log as JSON lines (the launcher and the Python models; "

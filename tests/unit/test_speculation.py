@@ -326,3 +326,49 @@ def test_a_heads_only_medusa_repository_serves_its_base_model_with_all_heads(
     assert stats.speculation_method == "medusa" and stats.speculation_draft_tokens >= 3 * 3 * 5
     plain = Engine(EngineConfig(model_id=str(model_dir)), model_dir)
     assert plain.stats().speculation_method == ""  # no heads, no --speculate: none
+
+
+def test_rows_with_a_grammar_take_drafts_and_keep_their_outputs(model_dir, monkeypatch):
+    """Drafts for constrained rows (greedy and seeded sampling): each draft row is masked by
+    the grammar as it stands after the drafts before it, and drafts the grammar forbids are
+    never verified; outputs equal those without drafts, some drafts accepted."""
+    from textgen_backend.sampling.grammar import grammar_from_request
+
+    constraints = [{"guided_regex": r"[0-9]{3}-[a-z]{2,4}-[0-9]{2}"},
+                   {"guided_choice": ["alpha beta gamma", "delta epsilon"]},
+                   {"guided_json": {"type": "object", "properties": {
+                       "name": {"type": "string"}, "n": {"type": "integer"}},
+                       "required": ["name", "n"]}}]
+    prompts = _prompts(len(constraints) * 2, seed=5)
+
+    def run(speculate):
+        engine = _engine(model_dir, speculate=speculate)
+        seqs = [Sequence(i, p, SamplingParams(**({"do_sample": True, "temperature": 0.8,
+                                                    "seed": i} if i % 2 else {})),
+                         StoppingParams(max_tokens=30),
+                         grammar=grammar_from_request(dict(constraints[i // 2]), True))
+                for i, p in enumerate(prompts)]
+        _run(engine, seqs)
+        return [s.output_ids for s in seqs], engine.stats()
+
+    plain, _ = run(0)
+    drafts_seen = []
+    oracle_drafts(monkeypatch, [p + out for p, out in zip(prompts, plain)])
+    propose = speculator_module.propose_ngram
+
+    def propose_and_spoil(histories, n):  # plus a token no grammar here allows
+        drafts = [d + [0] * (n - len(d)) for d in propose(histories, n)]
+        drafts_seen.extend(drafts)
+        return drafts
+    monkeypatch.setattr(speculator_module, "propose_ngram", propose_and_spoil)
+    attach = speculator_module.Speculator.attach
+
+    def attach_and_check(self, out):
+        attach(self, out)
+        for seq, drafts in zip(out.seqs, out.draft_ids or []):
+            assert seq.matcher.validate_tokens(drafts) == len(drafts), "a forbidden draft"
+    monkeypatch.setattr(speculator_module.Speculator, "attach", attach_and_check)
+    drafted, stats = run(3)
+    assert drafted == plain
+    assert 0 < stats.speculation_accepted_tokens < stats.speculation_draft_tokens
+    assert stats.speculation_draft_tokens < sum(len(d) for d in drafts_seen)  # some cut

@@ -387,13 +387,20 @@ def _sampled_rows(cu_seqlens: np.ndarray, completes: list[bool],
 def _draft_positions(seqs: list[Sequence], drafts: list[list[int]]) -> list[Sequence]:
     """The sampled rows' sequences as the sampler sees them: a sequence, then one view of it
     per draft, as if the drafts before that row had been accepted (its penalties, min_tokens,
-    bad words and seeded randomness then see exactly what plain decoding would)."""
+    bad words, grammar mask and seeded randomness then see exactly what plain decoding would;
+    a grammar's view holds a copy of the matcher that consumed those drafts, which the
+    speculator kept to what the grammar allows)."""
     positions = []
     for seq, seq_drafts in zip(seqs, drafts):
         positions.append(seq)
+        matcher = seq.matcher
         for j in range(1, len(seq_drafts) + 1):
             view = copy.copy(seq)
             view.output_ids = seq.output_ids + seq_drafts[:j]
+            if matcher is not None:
+                matcher = matcher.deep_copy()
+                matcher.consume_token(seq_drafts[j - 1])
+                view.matcher = matcher
             positions.append(view)
     return positions
 

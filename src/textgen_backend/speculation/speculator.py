@@ -5,9 +5,10 @@ the drafts that equal the sampled tokens plus the first sampled token after them
 function of (seed, token index, logits), so the output is exactly that of decoding one token a
 step: speculation changes how many steps it takes, never what comes out.
 
-Rows with a grammar, and steps of more than --speculation-max-batch-size decoding rows, get no
-drafts. Drafts never pass max_tokens, and only use KV blocks that are free after every running
-sequence has its next slot (the scheduler trims what the rejected ones held)."""
+Steps of more than --speculation-max-batch-size decoding rows get no drafts. Drafts never pass
+max_tokens or what a row's grammar allows (each draft row is then masked by a copy of the
+matcher that consumed the drafts before it), and only use KV blocks that are free after every
+running sequence has its next slot (the scheduler trims what the rejected ones held)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ class Speculator:
     def attach(self, out: SchedulerOutput) -> None:
         """Gives out's decoding rows their drafts (out.draft_ids, num_new_tokens)."""
         rows = [i for i, (s, n) in enumerate(zip(out.seqs, out.num_new_tokens))
-                if n == 1 and s.is_decoding and s.grammar is None]
+                if n == 1 and s.is_decoding]
         if not rows or not self.drafts_for(len(rows)):
             return
         seqs = [out.seqs[i] for i in rows]
@@ -55,6 +56,8 @@ class Speculator:
         for row, seq, proposal in zip(rows, seqs, proposals):
             room = seq.stopping.max_tokens - len(seq.output_ids) - 1  # the step adds 1 anyway
             proposal = proposal[:max(room, 0)]
+            if seq.matcher is not None:  # a draft the grammar forbids could never be accepted
+                proposal = proposal[:seq.matcher.validate_tokens(proposal)]
             proposal = proposal[:self.block_manager.reserve(seq, len(proposal))]
             if proposal:
                 drafts[row] = proposal
