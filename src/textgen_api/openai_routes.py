@@ -289,7 +289,9 @@ def router(config: ApiConfig) -> APIRouter:
                                      if logprobs else None),
                         "finish_reason": (_FINISH.get(chunk.finish_reason, "length")
                                           if chunk.finish_reason else None)}])
-                    offsets[row] += len(chunk.text)
+                    # the tokens' own texts, as the whole answer's offsets count them (a
+                    # chunk's text can hold back a token's incomplete characters)
+                    offsets[row] += sum(len(d["text"]) for d in chunk.token_details)
                 prompt_tokens += prompt_tokens_of_prompt
                 completion += sum(counted.values())
         except ApiError as error:
