@@ -1,15 +1,14 @@
 """How long reading a LoRA adapter file holds up another Python thread (the engine's host work
 between launches runs on one while the adapter loader reads on another). Writes a
 Llama-3-8B-shaped rank-16 adapter (896 tensors, 84 MB in bf16), then reads it repeatedly with
-safetensors (what peft_format.py does) and with a raw `readinto` reader while a ticker thread
-runs small torch ops; prints the read time and the ticker's gaps. CPU only:
+the safetensors library and with our reader (weights/safetensors_read.py, what peft_format.py
+uses) while a ticker thread runs small torch ops; prints the read time and the ticker's gaps.
+CPU only:
 
     python bench/bench_adapter_read_gil.py
 """
 from __future__ import annotations
 
-import json
-import struct
 import tempfile
 import threading
 import time
@@ -21,11 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common import print_table
+from textgen_backend.weights.safetensors_read import read_safetensors
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024),
           "o_proj": (4096, 4096), "gate_proj": (4096, 14336), "up_proj": (4096, 14336),
           "down_proj": (14336, 4096)}
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def write_adapter(path: Path, rank: int = 16) -> None:
@@ -38,25 +37,9 @@ def write_adapter(path: Path, rank: int = 16) -> None:
     save_file(tensors, path)
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_with_library(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def read_raw(path: Path) -> dict[str, torch.Tensor]:
-    """The format by hand: its JSON header, then the bytes read with readinto (which releases
-    the GIL) into an uninitialized tensor, viewed per tensor."""
-    with open(path, "rb", buffering=0) as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
-        body = torch.empty(f.seek(0, 2) - 8 - size, dtype=torch.uint8)
-        f.seek(8 + size)
-        view, got = memoryview(body.numpy()), 0
-        while got < len(view):
-            got += f.readinto(view[got:got + (8 << 20)])
-    return {name: body[start:end].view(_DTYPES[meta["dtype"]]).view(meta["shape"])
-            for name, meta in header.items() for start, end in [meta["data_offsets"]]}
 
 
 def ticker_gaps(read, path: Path, reps: int) -> tuple[float, float, float, float]:
@@ -91,11 +74,12 @@ def ticker_gaps(read, path: Path, reps: int) -> tuple[float, float, float, float
 def main() -> None:
     path = Path(tempfile.mkdtemp(prefix="adapter-read-")) / "adapter_model.safetensors"
     write_adapter(path)
-    ours, raw = read_safetensors(path), read_raw(path)
-    assert all(torch.equal(ours[k], raw[k]) for k in ours)
+    library, ours = read_with_library(path), read_safetensors(path)
+    assert all(torch.equal(library[k], ours[k]) for k in library)
     rows = []
     for round_ in range(4):
-        for name, read in (("safetensors (ours)", read_safetensors), ("raw readinto", read_raw)):
+        for name, read in (("safetensors library", read_with_library),
+                           ("ours (readinto, weights/safetensors_read.py)", read_safetensors)):
             rows.append([round_, name, *(f"{v:.2f}" for v in ticker_gaps(read, path, 5))])
     print_table(f"Reading a rank-16 Llama-3-8B adapter ({path.stat().st_size / 1e6:.0f} MB) "
                 "beside a ticking thread", ["round", "reader", "read ms", "quiet gap ms",

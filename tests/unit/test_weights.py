@@ -35,3 +35,30 @@ def test_hub_id_resolves_offline_from_the_hub_cache(tmp_path):
     assert resolve_model_dir("acme/tiny", hub_cache=str(tmp_path)) == snapshot
     with pytest.raises(FileNotFoundError, match="never downloaded at run time"):
         resolve_model_dir("acme/absent", hub_cache=str(tmp_path))
+
+
+def test_the_gil_free_reader_reads_what_safetensors_reads(tmp_path):
+    """Mixed dtypes, odd sizes (tensors off their dtype's alignment), empty and 0-d tensors;
+    a file cut short is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from textgen_backend.weights.safetensors_read import read_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+               "b": torch.randn(7, generator=g),
+               "c": torch.randint(-5, 5, (3,), generator=g).to(torch.int8),
+               "d": torch.randn(2, 3, generator=g).double(),
+               "e": torch.zeros(0, 4), "f": torch.tensor(2.5, dtype=torch.float16),
+               "g": torch.randn(4, generator=g).to(torch.float8_e4m3fn)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, path)
+    ours, theirs = read_safetensors(path), load_file(path)
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype and ours[name].shape == tensor.shape
+        assert torch.equal(ours[name].reshape(-1).view(torch.uint8),
+                           tensor.reshape(-1).view(torch.uint8)), name
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="does not fit"):
+        read_safetensors(path)

@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from textgen_backend.models.llama import ProjectionTarget
 from textgen_backend.sampling.params import RequestError
+from textgen_backend.weights.safetensors_read import read_safetensors
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -136,10 +137,10 @@ def _tensors(path: Path, header_only: bool) -> dict[str, torch.Tensor | tuple[in
     if path.suffix == ".bin":
         loaded = torch.load(path, map_location="cpu", weights_only=True)
         return {k: tuple(v.shape) if header_only else v for k, v in loaded.items()}
-    with safe_open(str(path), framework="pt") as f:
-        if header_only:
+    if header_only:
+        with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        return {k: f.get_tensor(k) for k in f.keys()}
+    return read_safetensors(path)  # without the GIL held: the batch steps meanwhile
 
 
 def _layout(tensors: dict, name: str, targets: dict[str, ProjectionTarget], num_layers: int,
