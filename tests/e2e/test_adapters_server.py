@@ -192,7 +192,7 @@ def test_five_adapters_cycle_through_two_slots_beside_a_preloaded_one(
                     max_active_adapters=3, adapter_cycle_time_s=0.2, adapter_id="attn-r4")
     try:
         plan = [(f"small-{i % 5}", PROMPTS[i % len(PROMPTS)]) for i in range(15)]
-        plan[4::5] = [("attn-r4", PROMPTS[0])] * 3
+        plan += [("attn-r4", PROMPTS[i % len(PROMPTS)]) for i in range(3)]
 
         def one(job):
             from textgen_client import TextgenClient
