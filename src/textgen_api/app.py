@@ -96,7 +96,7 @@ def create_app(config: ApiConfig) -> FastAPI:
     async def internal_error(request: Request, error: Exception):
         logger.exception("[textgen] front end error on %s", request.url.path)
         return _error_response(request.url.path, ApiError(
-            500, f"internal error: {type(error).__name__}: {error}", "internal_error"))
+            500, "internal error (the front end's log has its cause)", "internal_error"))
 
     app.add_middleware(_Guard, config=config)
     if config.cors_allow_origin:  # outermost: preflights are answered before the key check

@@ -17,6 +17,7 @@ from textgen_api.errors import ApiError
 from textgen_client import GenerationResult
 
 VALIDATION = 400
+MAX_N = 128  # OpenAI's limit on n
 _FINISH = {"length": "length", "eos_token": "stop", "stop": "stop"}
 # vLLM's OpenAI server's extra sampling fields (genai-perf and benchmarks send ignore_eos)
 _VLLM_EXTRAS = ("ignore_eos", "min_tokens", "top_k", "min_p", "repetition_penalty")
@@ -33,14 +34,20 @@ def _sampling(body: dict) -> dict:
     require(isinstance(temperature, (int, float)) and 0 <= temperature <= 2,
             "temperature must be in [0, 2]", "temperature", VALIDATION)
     params = {"temperature": float(temperature)}  # the ensemble samples unless it is 0
-    if temperature > 0 and body.get("top_p") is not None:
-        params["top_p"] = float(body["top_p"])
+    top_p = body.get("top_p")
+    require(top_p is None or (isinstance(top_p, (int, float)) and not isinstance(top_p, bool)),
+            f"top_p must be a number, got {top_p!r}", "top_p", VALIDATION)
+    if temperature > 0 and top_p is not None:
+        params["top_p"] = float(top_p)
     for name in ("seed", "presence_penalty", "frequency_penalty") + _VLLM_EXTRAS:
         if body.get(name) is not None:
             params[name] = body[name]
     stop = body.get("stop")
     if stop:
-        params["stop_words"] = [stop] if isinstance(stop, str) else list(stop)
+        stop = [stop] if isinstance(stop, str) else stop
+        require(isinstance(stop, list) and all(isinstance(s, str) for s in stop),
+                "stop must be a string or a list of strings", "stop", VALIDATION)
+        params["stop_words"] = stop
     return params
 
 
@@ -56,14 +63,24 @@ def _adapter(body: dict, config: ApiConfig) -> dict:
     return {"adapter_id": model}  # LoRAX: any other model names an adapter
 
 
-def _int_field(body: dict, name: str, low: int, default: int | None = None) -> int | None:
-    """body[name], an integer >= low, or default when absent (null)."""
+def _int_field(body: dict, name: str, low: int, default: int | None = None,
+               high: int | None = None) -> int | None:
+    """body[name], an integer in [low, high], or default when absent (null)."""
     value = body.get(name)
     if value is None:
         return default
-    require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-            f"{name} must be an integer >= {low}, got {value!r}", name, VALIDATION)
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= low
+            and (high is None or value <= high),
+            f"{name} must be an integer >= {low}" + (f" and <= {high}" if high else "")
+            + f", got {value!r}", name, VALIDATION)
     return value
+
+
+def _include_usage(body: dict) -> bool:
+    options = body.get("stream_options") or {}
+    require(isinstance(options, dict), "stream_options must be an object", "stream_options",
+            VALIDATION)
+    return bool(options.get("include_usage"))
 
 
 def _refuse_unknown(body: dict, known: set[str]) -> None:
@@ -75,6 +92,8 @@ def _refuse_unknown(body: dict, known: set[str]) -> None:
 
 def _response_format(body: dict) -> dict:
     fmt = body.get("response_format")
+    require(fmt is None or isinstance(fmt, dict), "response_format must be an object",
+            "response_format", VALIDATION)
     if not fmt or fmt.get("type") == "text":
         return {}
     if fmt.get("type") == "json_object":
@@ -167,12 +186,12 @@ def router(config: ApiConfig) -> APIRouter:
         if body.get("logprobs"):
             params["return_log_probs"] = True
             params["top_n_tokens"] = top_logprobs or None
-        n = _int_field(body, "n", 1, default=1)
+        n = _int_field(body, "n", 1, default=1, high=MAX_N)
         prompts = [json.dumps(rendered)] * n
         model = body.get("model") or config.model_name
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.get("stream"):
-            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            usage = _include_usage(body)
             responses = await started(chunks(request.app.state.client, prompts, VALIDATION,
                                              stream=True, **params))
             return StreamingResponse(_chat_events(responses, len(prompts), ident, created,
@@ -240,13 +259,13 @@ def router(config: ApiConfig) -> APIRouter:
         if logprobs is not None:
             params["return_log_probs"] = True
             params["top_n_tokens"] = logprobs
-        n = _int_field(body, "n", 1, default=1)
+        n = _int_field(body, "n", 1, default=1, high=MAX_N)
         model = body.get("model") or config.model_name
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.get("stream"):
             first = await started(chunks(request.app.state.client, [prompts[0]] * n,
                                          VALIDATION, stream=True, **params))
-            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            usage = _include_usage(body)
             return StreamingResponse(_completion_events(request, first, prompts, n, params,
                                                         ident, created, model, usage,
                                                         logprobs is not None),

@@ -59,6 +59,8 @@ def ensemble_params(parameters: dict, stream: bool) -> dict:
         elif name in ("grammar", "response_format"):
             params["grammar"] = json.dumps(value)
         elif name == "merged_adapters":
+            require(isinstance(value, dict), "merged_adapters must be an object", name,
+                    VALIDATION)
             params["adapter_parameters"] = json.dumps({
                 "adapter_ids": value.get("ids", []), "weights": value.get("weights", []),
                 **{k: v for k, v in value.items() if k not in ("ids", "weights")}})

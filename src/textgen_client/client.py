@@ -152,6 +152,8 @@ def build_inputs(prompts: list[str], **params) -> list[grpcclient.InferInput]:
             raise TypeError(f"unknown parameter {name!r}; known: {sorted(_SPECS)}")
         spec = _SPECS[name]
         if name in ("stop_words", "bad_words"):
+            if isinstance(value, str) or not all(isinstance(s, str) for s in value):
+                raise TypeError(f"{name} must be a list of strings, got {value!r}")
             row = [s.encode() for s in value]
             arrays[name] = np.array([row] * batch, dtype=np.object_).reshape(batch, len(row))
         elif name == "sampling_parameters":

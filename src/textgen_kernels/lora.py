@@ -278,17 +278,25 @@ def _row_blocks(num_tokens: int) -> int:
     return num_tokens if num_tokens < TILE_MIN_TOKENS else triton.cdiv(num_tokens, TILE_T)
 
 
-def compile_token_counts(max_tokens: int) -> list[int]:
-    """Token counts whose launches reach every variant Triton compiles of these kernels up to
-    max_tokens. The count picks the path (tiles from TILE_MIN_TOKENS) and the K splits (a
-    power of 2 that changes only past powers of 2 of the count); Triton specializes integer
-    arguments (the count on the tiles, h's row stride count x rank) on == 1 and divisibility
-    by 16. So: each power of 2 and, past it, an odd count, one of 8 mod 16 (count x rank
-    divisible by 16 for any even rank, the count not) and one divisible by 16."""
-    counts, n = {max_tokens}, 1
-    while n <= max_tokens:
-        counts.update(c for c in (n, n + 1, n + 8, n + 16) if c <= max_tokens)
-        n *= 2
+def compile_token_counts(max_tokens: int, shapes: list[tuple[int, int]]) -> list[int]:
+    """Token counts whose launches reach every variant Triton compiles of these kernels for
+    steps of up to max_tokens tokens on projections of these (inputs K, rank capacity R):
+    one count per variant, the smallest. A variant is what the count changes in a launch's
+    compiled code: the path (tiles from TILE_MIN_TOKENS), and the classes Triton specializes
+    integer arguments on (== 1, divisible by 16, neither) of the K splits, of h's row stride
+    (count x R) and, on the tiles, of the count itself."""
+    def kind(n: int) -> int:
+        return 1 if n == 1 else 16 if n % 16 == 0 else 0
+
+    counts, seen = set(), set()
+    for k, rank in shapes:
+        for count in range(1, max_tokens + 1):
+            tiles = count >= TILE_MIN_TOKENS
+            variant = (k, rank, tiles, kind(lora_shrink_splits(count, k, rank)),
+                       kind(count) if tiles else None, kind(count * rank))
+            if variant not in seen:
+                seen.add(variant)
+                counts.add(count)
     return sorted(counts)
 
 

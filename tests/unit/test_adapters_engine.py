@@ -198,8 +198,11 @@ def test_compiling_the_kernels_runs_each_projection_shape_at_each_variant_count(
     shapes = {(p.in_features, p.out_features, p.shard_starts)
               for p in slots.projections.values()}
     assert len(shapes) >= 3  # qkv, o / down, gate_up on the tiny model
+    counts = compile_token_counts(300, sorted({(p.in_features, p.a_slots.shape[1])
+                                               for p in slots.projections.values()}))
+    assert TILE_MIN_TOKENS in counts and 1 in counts
     assert sorted({(c[0], *c[1:4]) for c in calls}) == sorted(
-        (count, *shape) for count in compile_token_counts(300) for shape in shapes)
+        (count, *shape) for count in counts for shape in shapes)
     assert all(c[4] == {-1} for c in calls)
     for key, p in slots.projections.items():
         for now, then in zip((p.a_slots, p.b_slots), before[key]):  # uninitialized: NaNs
@@ -207,22 +210,26 @@ def test_compiling_the_kernels_runs_each_projection_shape_at_each_variant_count(
 
 
 def test_the_compile_counts_reach_every_variant_any_token_count_reaches():
-    """A variant: the path (per token or tiles), the K splits, and the classes Triton
-    specializes integers on (== 1, divisible by 16, other) of h's row stride (count x rank)
-    and, on the tiles (their only launches given the count), of the count; for Llama-3-8B's
-    widths and ranks 3 to 48."""
+    """A variant, by Triton's rule (integer arguments specialized on == 1, divisibility by 16):
+    the path (per token or tiles), and the classes of the K splits, of h's row stride
+    (count x rank) and, on the tiles, of the count; for Llama-3-8B's projections at
+    --max-lora-rank 16 and 64 (qkv's capacity is 3 x the rank, gate_up's 2 x) and odd ranks,
+    and for steps past the prefill budget (decode rows beside a full chunk)."""
+    def kind(n):
+        return "one" if n == 1 else "16" if n % 16 == 0 else "other"
+
     def variant(count, k, rank):
-        def kind(n):
-            return "one" if n == 1 else "16" if n % 16 == 0 else "other"
         tiles = count >= TILE_MIN_TOKENS
-        return (tiles, lora_shrink_splits(count, k, rank), kind(count) if tiles else None,
-                kind(count * rank))
-    for max_tokens in (300, 1000, 8192):
-        counts = compile_token_counts(max_tokens)
-        assert counts[0] == 1 and counts[-1] == max_tokens
-        for k, rank in ((4096, 16), (14336, 16), (4096, 48), (4096, 8), (4096, 4), (4096, 12), (4096, 3)):
+        return (tiles, kind(lora_shrink_splits(count, k, rank)),
+                kind(count) if tiles else None, kind(count * rank))
+    shapes = [(4096, 48), (4096, 16), (4096, 32), (14336, 16), (4096, 192), (4096, 64),
+              (4096, 128), (14336, 64), (4096, 3), (4096, 12)]
+    for max_tokens in (300, 1000, 8192 + 512):
+        counts = compile_token_counts(max_tokens, shapes)
+        assert counts[0] == 1 and counts[-1] <= max_tokens
+        for k, rank in shapes:
             assert ({variant(c, k, rank) for c in counts}
-                    == {variant(c, k, rank) for c in range(1, max_tokens + 1)})
+                    == {variant(c, k, rank) for c in range(1, max_tokens + 1)}), (k, rank)
 
 
 def test_an_adapter_retrained_in_place_is_served_anew(setup, tmp_path):

@@ -331,7 +331,8 @@ def test_a_call_that_fails_as_a_worker_dies_reports_the_exit_not_the_broken_conn
     group._reporting, group.on_failure = threading.Lock(), reports.append
     threading.Timer(0.3, lambda: setattr(worker, "returncode", -9)).start()
     group.call_failed("forward", RuntimeError("Connection reset by peer"))
-    assert reports == ["tensor-parallel worker 1 of 2 exited (exit code -9)"]
+    assert reports == ["tensor-parallel worker 1 of 2 exited (exit code -9); forward failed "
+                       "on rank 0 (RuntimeError: Connection reset by peer)"]
 
     worker.returncode = None  # no worker exits: rank 0's own error is the cause
     group.call_failed("forward", RuntimeError("boom"))

@@ -38,8 +38,8 @@ def test_hub_id_resolves_offline_from_the_hub_cache(tmp_path):
 
 
 def test_the_gil_free_reader_reads_what_safetensors_reads(tmp_path):
-    """Mixed dtypes, odd sizes (tensors off their dtype's alignment), empty and 0-d tensors;
-    a file cut short is refused."""
+    """Mixed dtypes, odd sizes, empty and 0-d tensors; a tensor off its dtype's alignment
+    (written by hand); a file cut short and a header past the file are refused."""
     from safetensors.torch import load_file, save_file
 
     from textgen_backend.weights.safetensors_read import read_safetensors
@@ -61,4 +61,15 @@ def test_the_gil_free_reader_reads_what_safetensors_reads(tmp_path):
                            tensor.reshape(-1).view(torch.uint8)), name
     path.write_bytes(path.read_bytes()[:-3])
     with pytest.raises(ValueError, match="does not fit"):
+        read_safetensors(path)
+    # the library aligns what it writes; another writer may not: float32 at byte 2
+    header = json.dumps({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+                         "b": {"dtype": "F32", "shape": [3], "data_offsets": [2, 14]}}).encode()
+    floats = torch.tensor([1.5, -2.0, 3.25])
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes([7, 9])
+                     + floats.numpy().tobytes())
+    unaligned = read_safetensors(path)
+    assert unaligned["a"].tolist() == [7, 9] and torch.equal(unaligned["b"], floats)
+    path.write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ValueError, match="is no safetensors file"):
         read_safetensors(path)

@@ -76,7 +76,9 @@ class AdapterSlots:
         stream waits for, compiles nothing (the first H100 run saw a 1.1 s step)."""
         shapes = {(p.in_features, p.out_features, p.shard_starts): p
                   for p in self.projections.values()}
-        dtype, counts = self._staging.dtype, compile_token_counts(max_tokens)
+        dtype = self._staging.dtype
+        counts = compile_token_counts(max_tokens, sorted({(p.in_features, p.a_slots.shape[1])
+                                                          for p in shapes.values()}))
         slots = torch.full((counts[-1],), -1, dtype=torch.int32, device=self.device)
         for projection in shapes.values():
             x = torch.zeros(counts[-1], projection.in_features, dtype=dtype, device=self.device)

@@ -18,7 +18,8 @@ from transformers import AutoTokenizer
 from textgen_backend.adapters.catalog import AdapterCatalog
 from textgen_backend.adapters.residency import AdapterResidency
 from textgen_backend.adapters.shard_loads import ShardedAdapterLoads
-from textgen_backend.config import EngineConfig, EngineLimits, resolve_token_limits
+from textgen_backend.config import (MAX_SPECULATE, EngineConfig, EngineLimits,
+                                    resolve_token_limits)
 from textgen_backend.engine.async_steps import reads_history
 from textgen_backend.engine.block_manager import BlockManager
 from textgen_backend.engine.cuda_graphs import mixed_shapes, prefill_shapes, verify_shapes
@@ -43,7 +44,11 @@ logger = logging.getLogger("textgen")
 class Engine:
     def __init__(self, config: EngineConfig, model_dir: Path, device: torch.device | None = None):
         if config.speculate is None:  # TGI: a Medusa model speculates with all its heads
-            config = dataclasses.replace(config, speculate=medusa_num_heads(model_dir))
+            heads = medusa_num_heads(model_dir)
+            if heads > MAX_SPECULATE:
+                logger.warning("[textgen] %d Medusa heads: drafting with %d (--speculate's "
+                               "most)", heads, MAX_SPECULATE)
+            config = dataclasses.replace(config, speculate=min(heads, MAX_SPECULATE))
         self.config = config
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model_config = ModelConfig.from_dir(model_dir).with_rope_override(
@@ -234,8 +239,18 @@ class Engine:
         if self.limits.chunked_prefill:
             self._compile_mixed_step()
         if self.adapters is not None:
-            self.runner.compile_adapter_kernels(self.limits.max_batch_prefill_tokens)
+            self.runner.compile_adapter_kernels(self._largest_step_tokens())
         logger.info("[textgen] prefill kernels compiled in %.1fs", time.monotonic() - started)
+
+    def _largest_step_tokens(self) -> int:
+        """The most tokens a step may carry: a prefill budget's worth (or a whole prompt that
+        wants its tokens' details) beside a decode row, with drafts, for every other
+        sequence that may run."""
+        c, limits = self.config, self.limits
+        running = min(limits.max_batch_size or c.max_concurrent_requests,
+                      c.max_concurrent_requests, limits.num_kv_blocks)
+        prompt = max(limits.max_batch_prefill_tokens, limits.max_input_tokens)
+        return prompt + running * (1 + (c.speculate or 0))
 
     def _compile_mixed_step(self) -> None:
         """A chunked step's shape: a decoding row beside the last chunk of a prompt whose

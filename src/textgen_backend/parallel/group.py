@@ -161,14 +161,14 @@ class ShardGroup:
     def call_failed(self, name: str, exc: Exception) -> None:
         """A collective call raised on rank 0: the cause is a worker's exit if one shows within
         the grace period, else the ranks are out of step."""
+        raised = f"{name} failed on rank 0 ({type(exc).__name__}: {exc})"
         deadline = time.monotonic() + _EXIT_GRACE_SECONDS
         while time.monotonic() < deadline:
             for rank, worker in enumerate(self.workers, start=1):
                 if worker.returncode is not None:  # set by its watcher's wait()
-                    return self._report(self._exited(rank, worker))
+                    return self._report(f"{self._exited(rank, worker)}; {raised}")
             time.sleep(0.05)
-        self._report(f"{name} failed on rank 0 ({type(exc).__name__}: {exc}); the "
-                     "tensor-parallel ranks are out of step")
+        self._report(f"{raised}; the tensor-parallel ranks are out of step")
 
     def _exited(self, rank: int, worker: subprocess.Popen) -> str:
         return (f"tensor-parallel worker {rank} of {self.size} exited "

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,8 +48,8 @@ def with_base_model(model_dir: Path, resolve: Callable[[str], Path]) -> Path:
                                      merged_config], sort_keys=True).encode()).hexdigest()[:16]
     merged = default_cache_root() / "medusa" / key
     if not (merged / "config.json").is_file():
-        staging = merged.with_name(f"{key}.{os.getpid()}.tmp")
-        staging.mkdir(parents=True, exist_ok=True)
+        merged.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=merged.parent))  # ours alone
         for entry in base.iterdir():
             if entry.name not in ("config.json", MEDUSA_WEIGHTS_FILE):
                 (staging / entry.name).symlink_to(entry.resolve())
