@@ -74,3 +74,28 @@ def test_a_repeated_prompt_reports_and_counts_its_hit(cached_server, tiny_refere
         "textgen_prefix_cache_queries_total"] == n
     assert after["textgen_prefix_cache_hits_total"] - before[
         "textgen_prefix_cache_hits_total"] == expected
+    assert after["textgen_prefix_cache_blocks"] >= expected // BLOCK
+
+
+def test_a_server_without_prefix_caching_computes_every_prompt(tiny_model_dir,
+                                                               tmp_path_factory,
+                                                               tiny_reference):
+    """--no-prefix-caching: the same repeated prompts, the same answers, no hit, no cached
+    block, nothing reported as cached."""
+    server = TritonServer(EngineConfig(dtype="float32", model_id=str(tiny_model_dir),
+                                       block_size=BLOCK, max_input_tokens=100,
+                                       max_total_tokens=140, prefix_caching=False),
+                          tmp_path_factory.mktemp("no-prefix-cache-server"))
+    try:
+        client = TextgenClient(server.grpc_url)
+        prompt = SYSTEM + "one more question"
+        results = [client.generate(prompt, max_tokens=5) for _ in range(3)]
+        client.close()
+        expected = tiny_reference.greedy(tiny_reference.encode(prompt), 5)
+        assert [r.output_ids for r in results] == [expected] * 3
+        assert [r.num_cached_tokens for r in results] == [0] * 3
+        metrics = settled_metrics(server)
+        assert metrics["textgen_prefix_cache_hits_total"] == 0
+        assert metrics["textgen_prefix_cache_blocks"] == 0
+    finally:
+        server.stop()
