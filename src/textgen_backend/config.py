@@ -218,7 +218,7 @@ class EngineConfig:
                                  "n-gram prompt lookup; 0 disables. Default: all of a Medusa "
                                  "model's heads (TGI), else 0.",
                                  default=None, aliases=("--speculative-tokens",),
-                          env_aliases=("SPECULATIVE_TOKENS",))
+                                 env_aliases=("SPECULATIVE_TOKENS",))
     speculation_max_batch_size: int = flag("Steps with more decoding sequences than this run "
                                            "without drafts (speculation costs throughput "
                                            "under load).", default=32)

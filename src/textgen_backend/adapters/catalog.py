@@ -38,8 +38,6 @@ class AdapterRef:
 
     @property
     def key(self) -> str:
-        if self.merge is None and not self.versions:
-            return self.directories[0]
         return json.dumps([self.directories, self.versions,
                            self.merge.__dict__ if self.merge else None], sort_keys=True)
 
@@ -103,18 +101,18 @@ class AdapterCatalog:
         seed = raw.get("seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise AdapterError(f"adapter_parameters.seed must be an integer >= 0, got {seed!r}")
-        directories, ranks = [], {}
+        directories, versions, ranks = [], [], {}
         for adapter_id in ids:
             directory = self._checked_directory(adapter_id, source)
             directories.append(str(directory))
+            versions.append(self._checked[directory][0])
             ranks[adapter_id] = self._checked[directory][1]
         if len(set(ranks.values())) > 1:
             raise AdapterError(f"adapter_parameters: merging needs adapters of one rank, got "
                                f"{ranks}")
         params = MergeParams(strategy, tuple(float(w) for w in weights), float(density), sign,
                              seed)
-        return AdapterRef("+".join(ids), tuple(directories), params,
-                          tuple(self._checked[Path(d)][0] for d in directories))
+        return AdapterRef("+".join(ids), tuple(directories), params, tuple(versions))
 
     def _checked_directory(self, adapter_id: str, source: str) -> Path:
         directory = self.directory_of(adapter_id, source)

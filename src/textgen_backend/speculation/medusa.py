@@ -54,11 +54,12 @@ def load_medusa(model_dir: Path, hidden_size: int, vocab_size: int, dtype: torch
     """The directory's Medusa heads, or None when it has none."""
     from safetensors.torch import load_file
 
+    num_heads = medusa_num_heads(model_dir)
+    if not num_heads:
+        return None
     weights_path = Path(model_dir) / MEDUSA_WEIGHTS_FILE
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    if not weights_path.exists() or "medusa_num_heads" not in config:
-        return None
-    heads = MedusaHeads(hidden_size, vocab_size, int(config["medusa_num_heads"]),
+    heads = MedusaHeads(hidden_size, vocab_size, num_heads,
                         int(config.get("medusa_num_layers", 1)))
     state = load_file(weights_path)
     expected = {name.replace("heads.", "", 1) for name in heads.state_dict()}

@@ -11,7 +11,6 @@ import torch
 from safetensors import safe_open
 
 from textgen_backend.weights.convert_weights import pytorch_weight_files
-# Medusa heads live beside the model's weights (TGI's layout); speculation/medusa.py loads them.
 from textgen_backend.weights.medusa_repo import MEDUSA_WEIGHTS_FILE, with_base_model
 
 
@@ -39,13 +38,12 @@ def _model_dir(model_id: str, revision: str | None, hub_cache: str | None) -> Pa
             "(models are never downloaded at run time)") from exc
 
 
-
-
 def safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [model_dir / shard for shard in shards]
+    # Medusa heads live beside the weights (TGI's layout); speculation/medusa.py loads them
     files = sorted(p for p in model_dir.glob("*.safetensors") if p.name != MEDUSA_WEIGHTS_FILE)
     if not files:
         if pytorch_weight_files(model_dir):
